@@ -1,0 +1,35 @@
+# The README's commands. `make serve` sets up a virtual environment and serves the offline
+# default base; `make test` runs the test suite (the same command CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.embedlift-installed
+
+.PHONY: setup serve test bench-quality clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build, so the project's `torch<2.14` is already satisfied.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/embedlift serve
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# The quality benchmark with its LlamaIndex peer, in a venv of its own (the peer pins openai<3).
+bench-quality:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q --upgrade pip
+	.venv-bench/bin/pip install -q torch==2.13.0
+	.venv-bench/bin/pip install -q -e '.[bench]'
+	.venv-bench/bin/python benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) .venv-bench build *.egg-info

@@ -1,0 +1,172 @@
+"""The base-embedding cache: each (base fingerprint, model input) is embedded once, ever.
+
+The base is frozen, so a text's base vector never changes. Training for many epochs, re-training, evaluation,
+re-indexing and serving all read the same SQLite file (WAL mode, so readers never block the writer), keyed by
+the base's fingerprint and a hash of the exact model input (role prompt + text): a bge-style query and the
+same text as a document are different inputs and never share a vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from embedlift.models.encoders import Encoder, Role
+from embedlift.models.windows import Span
+
+
+def default_cache_path() -> Path:
+    """``$EMBEDLIFT_CACHE``, else ``$XDG_CACHE_HOME/embedlift/base-embeddings.sqlite3``."""
+    if env := os.environ.get("EMBEDLIFT_CACHE"):
+        return Path(env)
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "embedlift" / "base-embeddings.sqlite3"
+
+
+def input_key(prompt: str, text: str) -> bytes:
+    """Cache key of one model input: a hash of the prompt and the text, separated unambiguously."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(prompt.encode())
+    h.update(b"\x00")
+    h.update(text.encode())
+    return h.digest()
+
+
+class EmbeddingCache:
+    """A persistent map (fingerprint, input key) -> float32 vector in one SQLite file.
+
+    Safe to share between threads (one connection behind a lock) and between processes (SQLite locking,
+    WAL journal). Writes commit per batch, so an interrupted embedding run keeps what it finished.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: losing the last batch on power loss is fine
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS base_vectors ("
+            " fingerprint TEXT NOT NULL, key BLOB NOT NULL, vector BLOB NOT NULL,"
+            " PRIMARY KEY (fingerprint, key)) WITHOUT ROWID"
+        )
+        self._db.commit()
+
+    def get_many(self, fingerprint: str, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        found: dict[bytes, np.ndarray] = {}
+        with self._lock:
+            for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+                chunk = list(keys[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT key, vector FROM base_vectors WHERE fingerprint = ? AND key IN ({marks})",
+                    [fingerprint, *chunk],
+                )
+                for key, blob in rows:
+                    found[key] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def put_many(self, fingerprint: str, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        rows = [(fingerprint, key, np.asarray(v, dtype=np.float32).tobytes()) for key, v in items]
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO base_vectors VALUES (?, ?, ?)", rows)
+            self._db.commit()
+
+    def count(self, fingerprint: str | None = None) -> int:
+        with self._lock:
+            if fingerprint is None:
+                return self._db.execute("SELECT COUNT(*) FROM base_vectors").fetchone()[0]
+            return self._db.execute(
+                "SELECT COUNT(*) FROM base_vectors WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@dataclass
+class CacheStats:
+    """How many inputs came from the cache and how many ran the model."""
+
+    cached: int = 0
+    computed: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.cached} cached, {self.computed} computed"
+
+
+class CachedEncoder(Encoder):
+    """Wraps an encoder so that each distinct input runs the model at most once, across runs.
+
+    Args:
+        inner: The base encoder.
+        cache: The persistent store; ``None`` keeps nothing between calls (still de-duplicates a call).
+        chunk_size: Inputs embedded (and committed to the cache) per step of a long run.
+        progress: Show a progress bar on stderr for runs longer than one chunk.
+    """
+
+    def __init__(
+        self,
+        inner: Encoder,
+        cache: EmbeddingCache | None,
+        *,
+        chunk_size: int = 256,
+        progress: bool = True,
+    ) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.stats = CacheStats()
+        self.name, self.dim, self.fingerprint = inner.name, inner.dim, inner.fingerprint
+
+    def prompt(self, role: Role) -> str:
+        return self.inner.prompt(role)
+
+    def split(self, texts: Sequence[str], role: Role) -> list[list[Span]]:
+        return self.inner.split(texts, role)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
+        prompt = self.inner.prompt(role)
+        keys = [input_key(prompt, t) for t in texts]
+        unique: dict[bytes, str] = dict(zip(keys, texts, strict=True))
+        found = self.cache.get_many(self.fingerprint, list(unique)) if self.cache else {}
+        missing = [k for k in unique if k not in found]
+        self.stats.cached += len(unique) - len(missing)
+        self.stats.computed += len(missing)
+        bar = tqdm(
+            total=len(missing),
+            desc=f"embedding ({self.inner.name})",
+            unit="text",
+            file=sys.stderr,
+            disable=not self.progress or len(missing) <= self.chunk_size,
+        )
+        with bar:
+            for i in range(0, len(missing), self.chunk_size):
+                chunk = missing[i : i + self.chunk_size]
+                vectors = self.inner.encode([unique[k] for k in chunk], role)
+                if self.cache:
+                    self.cache.put_many(self.fingerprint, list(zip(chunk, vectors, strict=True)))
+                found.update(zip(chunk, vectors, strict=True))
+                bar.update(len(chunk))
+        if not keys:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)

@@ -1,0 +1,1 @@
+"""The Litestar service and the embedlift CLI."""

@@ -1,0 +1,227 @@
+"""The ``embedlift`` command line: one entry point for training, evaluation and serving.
+
+Each sub-command is a small function over the library; errors embedlift raises on purpose
+(``EmbedliftError``) print as one line on stderr with exit code 2, never a traceback. Results go to stdout
+(``eval --json`` prints exactly the JSON and nothing else); progress and counts go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from embedlift.models.errors import EmbedliftError, InvalidInputError
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- options
+def _add_base_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--base", help="local model directory or hub id (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--query-prompt", help="instruction prefixed to queries (bge-style); default: the model's own")
+    g.add_argument("--document-prompt", help="instruction prefixed to documents; default: the model's own")
+    g.add_argument("--max-seq-length", type=int, help="override the model's token limit")
+    g.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    g.add_argument("--window-tokens", type=int, help="tokens per window of a long text (default: the model's limit)")
+    g.add_argument("--window-stride", type=int, help="tokens between window starts (default: 3/4 of the window)")
+    g.add_argument("--cache", type=Path, help="base-embedding cache file (default: $EMBEDLIFT_CACHE or ~/.cache/embedlift/)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the base-embedding cache")
+
+
+def _encoder(args: argparse.Namespace, recorded: dict[str, Any] | None = None):
+    """The cached base encoder the options name; ``recorded`` (a checkpoint's base details) fills gaps."""
+    from embedlift.models.cache import CachedEncoder, EmbeddingCache, default_cache_path
+    from embedlift.models.encoders import load_encoder
+
+    rec = recorded or {}
+
+    def pick(option: str, key: str) -> Any:
+        value = getattr(args, option)
+        return value if value is not None else rec.get(key)
+
+    base = args.base if args.base is not None else rec.get("source")
+    encoder = load_encoder(
+        base,
+        query_prompt=pick("query_prompt", "query_prompt"),
+        document_prompt=pick("document_prompt", "document_prompt"),
+        max_seq_length=pick("max_seq_length", "max_seq_length"),
+        batch_size=args.batch_size,
+        window_tokens=pick("window_tokens", "window_tokens"),
+        window_stride=pick("window_stride", "window_stride"),
+    )
+    cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
+    return CachedEncoder(encoder, cache)
+
+
+def _embed(encoder, ds, label: str, *, windows: bool = True):
+    from embedlift.training.retrieval import embed_dataset
+
+    before = (encoder.stats.cached, encoder.stats.computed)
+    data = embed_dataset(encoder, ds, windows=windows)
+    cached, computed = encoder.stats.cached - before[0], encoder.stats.computed - before[1]
+    how = (
+        f"{data.docs.n_windowed} of {data.docs.n_docs} documents longer than the model's window were split "
+        f"into windows ({len(data.docs.spans)} windows)"
+        if windows
+        else f"documents embedded whole: the model TRUNCATES those longer than its window (--truncate)"
+    )
+    _err(f"{label}: {ds.summary()}; base embeddings: {cached} cached, {computed} computed; {how}")
+    return data
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise InvalidInputError(f"--k must be a comma-separated list of positive integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise InvalidInputError(f"--k must be a comma-separated list of positive integers, got {text!r}")
+    return ks
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from embedlift.models.checkpoint import BaseInfo, save_checkpoint
+    from embedlift.training.dataset import load_dataset, split
+    from embedlift.training.fit import FitSettings, fit_adapter
+
+    settings = FitSettings(
+        kind=args.kind, apply_to=args.apply_to, bias=args.bias, hidden_dim=args.hidden_dim, epochs=args.epochs,
+        batch_size=args.train_batch_size, lr=args.lr, temperature=args.temperature, anchor=args.anchor,
+        patience=args.patience, hard_negatives=args.hard_negatives, seed=args.seed,
+    )
+    ds = load_dataset(args.dataset)
+    if args.val is not None:
+        train_ds, val_ds, val_how = ds, load_dataset(args.val), f"file {args.val}"
+    else:
+        train_ds, val_ds = split(ds, args.val_fraction, by=args.val_split, seed=args.seed)
+        val_how = f"{args.val_fraction:.0%} of {args.dataset} held out by {args.val_split}"
+        if not train_ds.queries or not val_ds.queries:
+            raise InvalidInputError(
+                f"{args.dataset} is too small to hold out {args.val_fraction:.0%} by {args.val_split} "
+                "for validation; pass --val FILE or a larger --val-fraction"
+            )
+    encoder = _encoder(args)
+    train = _embed(encoder, train_ds, "train")
+    val = _embed(encoder, val_ds, f"validation ({val_how})")
+    result = fit_adapter(train, val, settings)
+    _err(f"trained in {result.seconds:.1f}s: {result.summary()}")
+    base = BaseInfo(name=encoder.name, fingerprint=encoder.fingerprint, dim=encoder.dim, details=encoder.describe())
+    config = save_checkpoint(
+        result.adapter,
+        args.out,
+        base=base,
+        name=args.name,
+        training={**settings.to_dict(), "dataset": str(args.dataset), "validation": val_how,
+                  "train_queries": len(train_ds.queries), "val_queries": len(val_ds.queries)},
+        metrics={"improved": result.improved, "best_epoch": result.best_epoch, "seconds": result.seconds,
+                 "base_val": result.base_val, "val": result.val, "history": result.history},
+    )
+    _err(f"saved adapter {config.name!r} to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from embedlift.models.checkpoint import load_checkpoint, read_config
+    from embedlift.models.errors import BaseMismatchError
+    from embedlift.training.dataset import load_dataset
+    from embedlift.training.evaluate import compare
+    from embedlift.training.report import comparison_table, write_report
+
+    ks = _ks(args.k)
+    ds = load_dataset(args.dataset)
+    configs = [read_config(p) for p in args.adapter]
+    recorded = None
+    if configs and args.base is None:
+        fingerprints = {c.base.fingerprint for c in configs}
+        if len(fingerprints) > 1:
+            listing = ", ".join(f"{p} -> {c.base.name} ({c.base.fingerprint})" for p, c in zip(args.adapter, configs))
+            raise BaseMismatchError(f"the adapters were trained on different bases ({listing}); compare adapters of one base, or pass --base")
+        recorded = configs[0].base.details
+    encoder = _encoder(args, recorded)
+    checkpoints = [load_checkpoint(p, expected_fingerprint=encoder.fingerprint) for p in args.adapter]
+    data = _embed(encoder, ds, "eval", windows=not args.truncate)
+    comparison = compare(data, checkpoints, ks)
+    if args.json:
+        sys.stdout.write(json.dumps(comparison.to_json(), indent=2) + "\n")
+    else:
+        Console().print(comparison_table(comparison, title=f"{args.dataset} ({ds.summary()}, base {encoder.name})"))
+        if checkpoints:
+            print("cells: value, delta vs base, [paired bootstrap 95% interval of the delta]")
+    if args.report:
+        _err(f"report written to {write_report(comparison, args.report)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedlift", description="Adapters over frozen embedding models: train, evaluate, serve."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an adapter on a (question, passage) dataset")
+    t.add_argument("dataset", type=Path, help="EmbeddingQAFinetuneDataset JSON")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    t.add_argument("--name", help="adapter name (default: the --out directory's name)")
+    t.add_argument("--kind", choices=["linear", "mlp"], default="linear")
+    t.add_argument("--apply-to", choices=["query", "both"], default="query",
+                   help="query: documents stay in base space, indexes never need rebuilding (default)")
+    t.add_argument("--bias", action="store_true", help="learn a bias (linear)")
+    t.add_argument("--hidden-dim", type=int, help="hidden width of mlp (default: the base dimension)")
+    v = t.add_mutually_exclusive_group()
+    v.add_argument("--val", type=Path, help="validation dataset file (default: hold out part of DATASET)")
+    v.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
+    t.add_argument("--val-split", choices=["query", "document"], default="document",
+                   help="hold out by document (unseen documents, default) or by query")
+    t.add_argument("--epochs", type=int, default=30, help="maximum epochs; early stopping picks the best (default 30)")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--train-batch-size", type=int, default=32, help="pairs per step (default 32)")
+    t.add_argument("--temperature", type=float, default=0.05)
+    t.add_argument("--anchor", type=float, default=0.1, help="pull of the weights towards the identity (default 0.1)")
+    t.add_argument("--patience", type=int, default=5)
+    t.add_argument("--hard-negatives", type=int, default=0,
+                   help="per query, top non-relevant base hits always kept as negatives (large corpora)")
+    t.add_argument("--seed", type=int, default=0)
+    _add_base_options(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="compare the base and adapters on a dataset")
+    e.add_argument("dataset", type=Path, help="EmbeddingQAFinetuneDataset JSON")
+    e.add_argument("--adapter", type=Path, action="append", default=[], help="adapter checkpoint (repeatable)")
+    e.add_argument("--k", default="1,3,5,10", help="cut-offs (default 1,3,5,10)")
+    e.add_argument("--json", action="store_true", help="print only JSON metrics on stdout")
+    e.add_argument("--report", type=Path, help="write a hit_rate@k curve to FILE.html or FILE.png")
+    e.add_argument("--truncate", action="store_true",
+                   help="embed documents whole, truncated by the model (to measure what windows buy)")
+    _add_base_options(e)
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 an error the user can fix)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EmbedliftError as exc:
+        _err(f"embedlift: error: {exc.message}")
+        return 2
+    except KeyboardInterrupt:
+        _err("embedlift: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets, fitting and evaluation of adapters on cached base vectors."""
