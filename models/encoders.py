@@ -131,7 +131,7 @@ class LocalEncoder(Encoder):
 
         source = str(model) if model is not None else DEFAULT_BASE
         self.source = source
-        if source == DEFAULT_BASE:
+        if source == DEFAULT_BASE or _same_dir(source, default_model_path()):
             path, self.name = str(default_model_path()), DEFAULT_BASE
         elif Path(source).expanduser().is_dir():
             path = str(Path(source).expanduser())
@@ -229,6 +229,13 @@ class LocalEncoder(Encoder):
             "window_tokens": self.window_tokens,
             "window_stride": self.window_stride,
         }
+
+
+def _same_dir(a: str, b: Path) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _slug(name: str) -> str:

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real packaged MiniLM loaded once per session, real files under tmp_path.
+
+As in sentence-transformers' own tests, the model is loaded once and shared; tests that need isolation get
+their own cache file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+LYFT = Path(os.environ.get("EMBEDLIFT_LYFT_DATA", REPO.parent / "shared" / "data" / "lyft_2021_10k" / "train_dataset.json"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 as a LocalEncoder (no cache)."""
+    from embedlift.models.encoders import LocalEncoder
+
+    return LocalEncoder()
+
+
+@pytest.fixture(scope="session")
+def lyft() -> dict:
+    if not LYFT.is_file():
+        pytest.skip(f"the Lyft dataset is not at {LYFT} (set EMBEDLIFT_LYFT_DATA)")
+    return json.loads(LYFT.read_text())
+
+
+@pytest.fixture(scope="session")
+def lyft_slice(lyft, tmp_path_factory) -> Path:
+    """The first 30 documents of the Lyft data with both of their questions, as a dataset file."""
+    docs = list(lyft["corpus"])[:30]
+    keep = set(docs)
+    queries = {q: t for q, t in lyft["queries"].items() if lyft["relevant_docs"][q][0] in keep}
+    data = {
+        "queries": queries,
+        "corpus": {d: lyft["corpus"][d] for d in docs},
+        "relevant_docs": {q: lyft["relevant_docs"][q] for q in queries},
+    }
+    path = tmp_path_factory.mktemp("data") / "lyft_slice.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One base-embedding cache file for the session, so each text is embedded once across tests."""
+    return tmp_path_factory.mktemp("cache") / "base.sqlite3"
