@@ -163,6 +163,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    import uvicorn
+
+    from embedlift.service.app import create_app
+    from embedlift.service.settings import Settings
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    settings = Settings.from_sources(flags)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn drains in-flight requests on SIGTERM, then restores the previous handler and re-raises the
+    # signal; this handler makes that drained stop exit 0 (what container runtimes read as clean).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info",
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def spec_bytes() -> bytes:
+    """The app's OpenAPI spec, formatted as it is committed in openapi/openapi.json."""
+    import msgspec
+
+    from embedlift.service.app import create_app
+    from embedlift.service.settings import Settings
+
+    app = create_app(Settings())
+    return msgspec.json.format(msgspec.json.encode(app.openapi_schema.to_schema()), indent=2) + b"\n"
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    data = spec_bytes()
+    if args.out is None:
+        sys.stdout.buffer.write(data)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_bytes(data)
+        _err(f"wrote {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -206,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed documents whole, truncated by the model (to measure what windows buy)")
     _add_base_options(e)
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="serve /embed, /v1/embeddings and the adapters over HTTP",
+                       description="Every option is also read from EMBEDLIFT_<OPTION> (e.g. EMBEDLIFT_PORT).")
+    s.add_argument("--base", help="local model directory or hub id (default: the packaged all-MiniLM-L6-v2)")
+    s.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8080)")
+    s.add_argument("--data-dir", type=Path, help="service state: base-embedding cache, collections (default ./data)")
+    s.add_argument("--adapters-dir", type=Path, help="adapter checkpoints, one sub-directory each (default ./adapters)")
+    s.add_argument("--adapter", help="adapter to activate at start")
+    s.add_argument("--api-key", help="Bearer key for read routes")
+    s.add_argument("--admin-key", help="Bearer key for mutating routes")
+    s.set_defaults(func=cmd_serve)
+
+    o = sub.add_parser("openapi", help="print (or write) the service's OpenAPI spec")
+    o.add_argument("--out", type=Path, help="file to write (default: stdout)")
+    o.set_defaults(func=cmd_openapi)
     return parser
 
 

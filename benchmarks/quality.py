@@ -1,0 +1,176 @@
+"""Retrieval quality and training time on the Lyft 10-K data: embedlift vs LlamaIndex's adapter engine.
+
+Run: ``make bench-quality`` (installs the LlamaIndex peer in .venv-bench, then runs this file), or
+``python benchmarks/quality.py --skip-peer`` in the development venv.
+
+Splits (of ``../shared/data/lyft_2021_10k/train_dataset.json``):
+- A, same corpus, new questions: each chunk's first question (file order) trains, its second tests.
+- B, unseen documents: 80/20 split by chunk, seed 0; each side searches only its own chunks.
+
+Rows: the base truncated by the model (what a plain encoder and every peer does), the base with windows,
+embedlift's linear and mlp adapters (default settings, windows), and the peer with its tutorial settings
+(linear: 4 epochs; two-layer: ``TwoLayerNN(384, 1024, 384, bias=True, add_residual=True)``, 25 epochs),
+on the same base (the packaged all-MiniLM-L6-v2). Every row is scored by the same exact metric code.
+``train s`` is wall time from dataset to trained adapter, base embeddings included (embedlift starts from
+an empty cache; the peer embeds inside its training loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from embedlift.models.cache import CachedEncoder, EmbeddingCache  # noqa: E402
+from embedlift.models.encoders import LocalEncoder, default_model_path  # noqa: E402
+from embedlift.training.dataset import QADataset, load_dataset, split, subset  # noqa: E402
+from embedlift.training.fit import FitSettings, evaluate_adapter, fit_adapter  # noqa: E402
+from embedlift.training.metrics import mean_metrics, per_query_metrics  # noqa: E402
+from embedlift.training.retrieval import embed_dataset  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lyft_2021_10k" / "train_dataset.json"
+SHOWN = ("hit_rate@5", "mrr@5", "hit_rate@10", "mrr@10")
+
+
+@dataclass
+class Row:
+    split: str
+    system: str
+    model: str
+    metrics: dict[str, float]
+    train_seconds: float | None = None
+
+
+def lyft_splits(ds: QADataset) -> dict[str, tuple[QADataset, QADataset]]:
+    seen: set[str] = set()
+    first, second = [], []
+    for q, docs in ds.relevant_docs.items():
+        (second if docs[0] in seen else first).append(q)
+        seen.add(docs[0])
+    return {
+        "A (new questions)": (subset(ds, first), subset(ds, second)),
+        "B (unseen documents)": split(ds, 0.2, by="document", seed=0),
+    }
+
+
+def run_embedlift(split_name: str, train_ds: QADataset, test_ds: QADataset, encoder: LocalEncoder, workdir: Path) -> list[Row]:
+    """Base (truncated and windowed) and both adapter kinds; each kind timed from an empty cache."""
+    rows = []
+    warm = CachedEncoder(encoder, EmbeddingCache(workdir / f"{split_name[0]}-warm.sqlite3"), progress=False)
+    test = embed_dataset(warm, test_ds)
+    test_truncated = embed_dataset(warm, test_ds, windows=False)
+    rows.append(Row(split_name, "base", "truncated", evaluate_adapter(test_truncated, None)))
+    rows.append(Row(split_name, "base", "windows", evaluate_adapter(test, None)))
+    for kind in ("linear", "mlp"):
+        cold = CachedEncoder(encoder, EmbeddingCache(workdir / f"{split_name[0]}-{kind}-cold.sqlite3"), progress=False)
+        started = time.perf_counter()
+        fit_ds, val_ds = split(train_ds, 0.1, by="document", seed=0)  # embedlift train's default validation
+        result = fit_adapter(embed_dataset(cold, fit_ds), embed_dataset(cold, val_ds), FitSettings(kind=kind), progress=False)
+        seconds = time.perf_counter() - started
+        rows.append(Row(split_name, "embedlift", kind, evaluate_adapter(test, result.adapter), seconds))
+    return rows
+
+
+def fit_time_cached(ds: QADataset, encoder: LocalEncoder, workdir: Path) -> tuple[float, float]:
+    """Seconds to train a linear adapter on all pairs once base vectors are cached (and to embed them cold)."""
+    cached = CachedEncoder(encoder, EmbeddingCache(workdir / "all.sqlite3"), progress=False)
+    fit_ds, val_ds = split(ds, 0.1, by="document", seed=0)
+    started = time.perf_counter()
+    embed_dataset(cached, fit_ds), embed_dataset(cached, val_ds)
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    fit_adapter(embed_dataset(cached, fit_ds), embed_dataset(cached, val_ds), FitSettings(kind="linear"), progress=False)
+    return time.perf_counter() - started, cold
+
+
+def run_llamaindex(split_name: str, train_ds: QADataset, test_ds: QADataset, workdir: Path) -> list[Row]:
+    """LlamaIndex's EmbeddingAdapterFinetuneEngine with its tutorial settings, same base, same metrics."""
+    from llama_index.core.evaluation import EmbeddingQAFinetuneDataset
+    from llama_index.embeddings.adapter import AdapterEmbeddingModel, TwoLayerNN
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.finetuning import EmbeddingAdapterFinetuneEngine
+
+    base = HuggingFaceEmbedding(model_name=str(default_model_path()), device="cpu")
+    li_train = EmbeddingQAFinetuneDataset(queries=train_ds.queries, corpus=train_ds.corpus, relevant_docs=train_ds.relevant_docs)
+    doc_ids = list(test_ds.corpus)
+    docs = _unit(np.array(base.get_text_embedding_batch([test_ds.corpus[d] for d in doc_ids], show_progress=False)))
+    query_ids = list(test_ds.queries)
+    col = {d: i for i, d in enumerate(doc_ids)}
+    relevant = [{col[d] for d in test_ds.relevant_docs[q]} for q in query_ids]
+
+    rows = []
+    for model, make_adapter, epochs in (
+        ("linear", lambda: None, 4),
+        ("two-layer", lambda: TwoLayerNN(384, 1024, 384, bias=True, add_residual=True), 25),
+    ):
+        out = workdir / f"li-{split_name[0]}-{model}"
+        started = time.perf_counter()
+        engine = EmbeddingAdapterFinetuneEngine(
+            li_train, base, model_output_path=str(out), adapter_model=make_adapter(), epochs=epochs, verbose=False
+        )
+        engine.finetune()
+        seconds = time.perf_counter() - started
+        adapted = engine.get_finetuned_model(adapter_cls=type(engine.model))
+        assert isinstance(adapted, AdapterEmbeddingModel)
+        queries = _unit(np.array([adapted.get_query_embedding(test_ds.queries[q]) for q in query_ids]))
+        metrics = mean_metrics(per_query_metrics(queries @ docs.T, doc_ids, relevant))
+        rows.append(Row(split_name, "llamaindex", model, metrics, seconds))
+    return rows
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--skip-peer", action="store_true", help="do not run LlamaIndex")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    ds = load_dataset(args.data)
+    encoder = LocalEncoder()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="embedlift-bench-") as tmp:
+        workdir = Path(tmp)
+        for name, (train_ds, test_ds) in lyft_splits(ds).items():
+            print(f"split {name}: train {train_ds.summary()}, test {test_ds.summary()}", file=sys.stderr)
+            rows += run_embedlift(name, train_ds, test_ds, encoder, workdir)
+            if not args.skip_peer:
+                rows += run_llamaindex(name, train_ds, test_ds, workdir)
+        fit_s, embed_s = fit_time_cached(ds, encoder, workdir)
+
+    table = Table(title=f"Retrieval on {args.data.name} (base all-MiniLM-L6-v2, exact search)")
+    for col in ("split", "system", "model", *SHOWN, "train s"):
+        table.add_column(col, justify="left" if col in ("split", "system", "model") else "right")
+    for r in rows:
+        t = "" if r.train_seconds is None else f"{r.train_seconds:.1f}"
+        table.add_row(r.split, r.system, r.model, *(f"{r.metrics[m]:.4f}" for m in SHOWN), t)
+    console = Console(width=140)
+    console.print(table)
+    console.print(
+        f"linear adapter on all {len(ds.queries)} pairs: {fit_s:.2f} s to train once base vectors are cached "
+        f"({embed_s:.1f} s to embed them into an empty cache)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""One frozen settings object for the service, filled from `embedlift serve` flags and `EMBEDLIFT_*` env.
+
+A flag wins over the environment, which wins over the default (as infinity's ``EngineArgs``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Service settings; each field ``x_y`` is also read from ``EMBEDLIFT_X_Y``.
+
+    Attributes:
+        base: Base model (local path or hub id); ``None`` = the packaged all-MiniLM-L6-v2.
+        host: Interface to bind.
+        port: Port to bind.
+        data_dir: Where the service keeps its state (base-embedding cache, collections, registry).
+        adapters_dir: Directory of adapter checkpoints (one sub-directory each).
+        adapter: Adapter to activate at start (overrides the remembered one).
+        api_key: Bearer key for read routes (embed, search, eval); ``None`` = open.
+        admin_key: Bearer key for mutating routes (collections, adapters); ``None`` = open.
+        max_inputs: Inputs per request.
+        max_input_chars: Characters per input.
+        max_body_bytes: Request body size.
+        batch_size: Texts per forward pass of the base.
+    """
+
+    base: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data")
+    adapters_dir: Path = Path("adapters")
+    adapter: str | None = None
+    api_key: str | None = None
+    admin_key: str | None = None
+    max_inputs: int = 256
+    max_input_chars: int = 65_536
+    max_body_bytes: int = 16 * 1024 * 1024
+    batch_size: int = 32
+
+    @classmethod
+    def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+        """Flags (``None`` = not given) over ``EMBEDLIFT_*`` environment variables over defaults."""
+        env = dict(os.environ) if env is None else env
+        flags = flags or {}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = flags.get(f.name)
+            if raw is None:
+                raw = env.get(f"EMBEDLIFT_{f.name.upper()}") or None
+            if raw is None:
+                continue
+            default = f.default
+            if isinstance(default, bool):
+                values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, Path):
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)
