@@ -98,10 +98,11 @@ def fit_time_cached(ds: QADataset, encoder: LocalEncoder, workdir: Path) -> tupl
 
 def run_llamaindex(split_name: str, train_ds: QADataset, test_ds: QADataset, workdir: Path) -> list[Row]:
     """LlamaIndex's EmbeddingAdapterFinetuneEngine with its tutorial settings, same base, same metrics."""
-    from llama_index.core.evaluation import EmbeddingQAFinetuneDataset
-    from llama_index.embeddings.adapter import AdapterEmbeddingModel, TwoLayerNN
+    from llama_index.finetuning.embeddings.common import EmbeddingQAFinetuneDataset
+    from llama_index.embeddings.adapter import AdapterEmbeddingModel
+    from llama_index.embeddings.adapter.utils import TwoLayerNN
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-    from llama_index.finetuning import EmbeddingAdapterFinetuneEngine
+    from llama_index.finetuning.embeddings.adapter import EmbeddingAdapterFinetuneEngine
 
     base = HuggingFaceEmbedding(model_name=str(default_model_path()), device="cpu")
     li_train = EmbeddingQAFinetuneDataset(queries=train_ds.queries, corpus=train_ds.corpus, relevant_docs=train_ds.relevant_docs)

@@ -20,6 +20,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.params import JSONBody
 
 from embedlift.models.errors import EmbedliftError, InvalidInputError, TooLargeError, UnavailableError
 from embedlift.service.engine import BASE, Engine, EmbedResult
@@ -111,7 +112,7 @@ class EmbedController(Controller):
     tags = ["embeddings"]
 
     @post("/embed", status_code=200, sync_to_thread=True)
-    def embed(self, data: EmbedRequest, state: State) -> Response[EmbedResponse]:
+    def embed(self, data: JSONBody[EmbedRequest], state: State) -> Response[EmbedResponse]:
         """Embed queries (through the adapter) or documents (base space unless the adapter applies to both)."""
         settings: Settings = state.settings
         texts = [data.input] if isinstance(data.input, str) else data.input
@@ -127,7 +128,7 @@ class EmbedController(Controller):
         return Response(body, headers=result_headers(result))
 
     @post("/v1/embeddings", status_code=200, sync_to_thread=True)
-    def openai_embeddings(self, data: OpenAIEmbeddingRequest, state: State) -> Response[OpenAIEmbeddingResponse]:
+    def openai_embeddings(self, data: JSONBody[OpenAIEmbeddingRequest], state: State) -> Response[OpenAIEmbeddingResponse]:
         """OpenAI-compatible. ``model``: ``base``, ``active`` or an adapter name; ``<name>:document`` embeds
         documents (plain names embed queries)."""
         settings: Settings = state.settings
