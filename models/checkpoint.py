@@ -8,7 +8,6 @@ that names the file and what to do. No pickle is ever loaded: weights are safete
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -235,18 +234,3 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected_fingerprint: str |
     adapter.load_state_dict(state, strict=True)
     adapter.eval()
     return Checkpoint(adapter=adapter, config=config, path=ckpt)
-
-
-def identity_checkpoint(base: BaseInfo, kind: str = "linear") -> Checkpoint:
-    """An untrained (identity) adapter, as a checkpoint that exists only in memory."""
-    adapter = build_adapter(AdapterConfig(kind=kind, dim=base.dim))
-    config = CheckpointConfig(
-        format_version=FORMAT_VERSION, name="identity", kind=kind, dim=base.dim, apply_to="query",
-        base=base, created="", training={}, metrics={},
-    )
-    return Checkpoint(adapter=adapter.eval(), config=config)
-
-
-def finite(x: float) -> float | None:
-    """JSON has no NaN: metrics that are not finite are recorded as null."""
-    return x if math.isfinite(x) else None

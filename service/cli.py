@@ -71,7 +71,7 @@ def _embed(encoder, ds, label: str, *, windows: bool = True):
         f"{data.docs.n_windowed} of {data.docs.n_docs} documents longer than the model's window were split "
         f"into windows ({len(data.docs.spans)} windows)"
         if windows
-        else f"documents embedded whole: the model TRUNCATES those longer than its window (--truncate)"
+        else "documents embedded whole: the model TRUNCATES those longer than its window (--truncate)"
     )
     _err(f"{label}: {ds.summary()}; base embeddings: {cached} cached, {computed} computed; {how}")
     return data

@@ -102,30 +102,32 @@ def test_missing_files(ckpt, tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
-def test_unexpected_and_missing_tensors(ckpt):
+def _edit_weights(ckpt, edit):
+    """Rewrite the checkpoint's safetensors file with ``edit(state)`` applied."""
     w = ckpt / "model.safetensors"
     state = load_file(str(w))
-    state["extra.weight"] = torch.zeros(2)
-    del state["hidden.bias"]
+    edit(state)
     save_file(state, str(w))
+
+
+def test_unexpected_and_missing_tensors(ckpt):
+    def edit(state):
+        state["extra.weight"] = torch.zeros(2)
+        del state["hidden.bias"]
+
+    _edit_weights(ckpt, edit)
     with pytest.raises(CheckpointError, match=r"missing tensors \['hidden.bias'\], unexpected tensors \['extra.weight'\]"):
         load_checkpoint(ckpt)
 
 
 def test_wrong_shape(ckpt):
-    w = ckpt / "model.safetensors"
-    state = load_file(str(w))
-    state["hidden.weight"] = torch.zeros(4, 8)
-    save_file(state, str(w))
+    _edit_weights(ckpt, lambda state: state.update({"hidden.weight": torch.zeros(4, 8)}))
     with pytest.raises(CheckpointError, match=r"'hidden.weight' has shape \(4, 8\), expected \(16, 8\)"):
         load_checkpoint(ckpt)
 
 
 def test_non_finite_weights(ckpt):
-    w = ckpt / "model.safetensors"
-    state = load_file(str(w))
-    state["output.bias"][0] = float("nan")
-    save_file(state, str(w))
+    _edit_weights(ckpt, lambda state: state["output.bias"].__setitem__(0, float("nan")))
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_checkpoint(ckpt)
 
