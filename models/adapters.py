@@ -69,18 +69,18 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @torch.inference_mode()
-    def transform(self, vectors: np.ndarray) -> np.ndarray:
-        """Apply to numpy vectors and L2-normalise, the way the service and evaluation use it."""
+    def transform(self, vectors: np.ndarray, *, normalize: bool = True) -> np.ndarray:
+        """Apply to numpy vectors and (by default) L2-normalise, the way the service and evaluation use it."""
         x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        y = torch.nn.functional.normalize(self(x), dim=-1)
-        return y.numpy()
+        y = self(x)
+        return (torch.nn.functional.normalize(y, dim=-1) if normalize else y).numpy()
 
-    def transform_query(self, vectors: np.ndarray) -> np.ndarray:
-        return self.transform(vectors)
+    def transform_query(self, vectors: np.ndarray, *, normalize: bool = True) -> np.ndarray:
+        return self.transform(vectors, normalize=normalize)
 
-    def transform_document(self, vectors: np.ndarray) -> np.ndarray:
+    def transform_document(self, vectors: np.ndarray, *, normalize: bool = True) -> np.ndarray:
         """Documents are transformed only by ``apply_to: both`` adapters; otherwise returned as they are."""
-        return self.transform(vectors) if self.config.apply_to == "both" else vectors
+        return self.transform(vectors, normalize=normalize) if self.config.apply_to == "both" else vectors
 
 
 class LinearAdapter(Adapter):

@@ -20,7 +20,7 @@ from embedlift.models.cache import CachedEncoder, EmbeddingCache
 from embedlift.models.checkpoint import CONFIG_FILE, Checkpoint, load_checkpoint
 from embedlift.models.encoders import Encoder, Role, load_encoder
 from embedlift.models.errors import EmbedliftError, NotFoundError
-from embedlift.models.windows import embed_pooled, normalize
+from embedlift.models.windows import embed_pooled
 from embedlift.service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -138,18 +138,10 @@ class Engine:
             windows = counts.tolist()
         if chosen is not None:
             a = chosen.checkpoint.adapter
-            if role == "query" or a.config.apply_to == "both":
-                vectors = _apply(a, vectors, normalize_output)
+            apply = a.transform_query if role == "query" else a.transform_document
+            vectors = apply(vectors, normalize=normalize_output)
         tokens = sum(self.encoder.count_tokens(texts))
         return EmbedResult(vectors=vectors, adapter=chosen.label if chosen else BASE, windows=windows, tokens=tokens)
-
-
-def _apply(adapter, vectors: np.ndarray, normalize_output: bool) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        out = adapter(torch.from_numpy(np.ascontiguousarray(vectors))).numpy()
-    return normalize(out) if normalize_output else out.astype(np.float32, copy=False)
 
 
 def load_adapters_dir(adapters_dir: Path, base: Encoder) -> list[Checkpoint]:
