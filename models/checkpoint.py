@@ -132,14 +132,14 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return config
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``. A new ``dst`` appears in one rename; an existing one is first moved aside
     (two renames, then the old copy is deleted), so ``dst`` is at every moment a complete checkpoint or,
     for the instant between the renames, absent with the old copy beside it."""

@@ -1,52 +1,111 @@
 """The Litestar app: thin controllers over the engine.
 
-Where a request goes: ``create_app`` below lists the controllers; each handler validates limits, calls one
-``Engine`` method and shapes the msgspec response. Errors are mapped in one place (``_error_response``):
-``EmbedliftError`` subclasses carry their status; ``/v1/*`` answers in OpenAI's ``{"error": {...}}`` shape.
+Where a request goes: ``create_app`` below lists the controllers; each handler checks limits, calls one
+``Engine`` method off the event loop (``run_model_work``: admitted or 429 at once) and shapes the msgspec
+response. Errors are mapped in one place (``_error_response``): ``EmbedliftError`` subclasses carry their
+status; ``/v1/*`` answers in OpenAI's ``{"error": {...}}`` shape. Auth is one guard reading each route's
+``opt["auth"]`` (``read`` or ``admin``); routes without it are public.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
-from litestar import Controller, Litestar, MediaType, Request, Response, get, post
+from litestar import Controller, Litestar, MediaType, Request, Response, delete, get, post, put
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import JSONBody
+from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
+from litestar.params import Parameter
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
-from embedlift.models.errors import EmbedliftError, InvalidInputError, TooLargeError, UnavailableError
-from embedlift.service.engine import BASE, Engine, EmbedResult
+from embedlift.models.errors import (
+    EmbedliftError,
+    InvalidInputError,
+    NotFoundError,
+    TooLargeError,
+    UnavailableError,
+)
+from embedlift.service.collections import NAME_PATTERN, Hit
+from embedlift.service.engine import BASE, EmbedResult, Engine, LoadedAdapter
+from embedlift.service.jobs import Job
 from embedlift.service.schemas import (
+    ActiveAdapter,
     AdapterInfo,
     AdapterList,
+    AdapterRegister,
+    CollectionCreate,
+    CollectionInfo,
+    CollectionList,
+    DeleteRequest,
+    DeleteResponse,
     Embedding,
     EmbedRequest,
     EmbedResponse,
     ErrorBody,
+    EvalRequest,
+    EvalResponse,
     Health,
+    JobAccepted,
+    JobInfo,
     ModelCard,
     ModelList,
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     OpenAIError,
     OpenAIErrorDetail,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
+    StoredDocument,
+    UpsertRequest,
+    UpsertResponse,
     Usage,
+    WindowEmbedding,
 )
 from embedlift.service.settings import Settings
+from embedlift.training.dataset import QADataset, validate
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_HEADER = "x-embedlift-adapter"
 WINDOWS_HEADER = "x-embedlift-windows"
 DOCUMENT_SUFFIX = ":document"
+MAX_ADAPTER_UPLOAD = 1 << 30  # a checkpoint tar may be larger than the JSON body limit
+READ = {"auth": "read"}
+ADMIN = {"auth": "admin"}
+SECURITY = [{"bearer": []}]
+T = TypeVar("T")
+
+# One table of status codes, used by every route and declared in the spec.
+STATUS_TABLE = {
+    400: "invalid request: malformed JSON, wrong types, empty input (the message says what to fix)",
+    401: "missing or malformed `Authorization: Bearer <key>`",
+    403: "the key is not allowed here (admin routes need the admin key)",
+    404: "unknown collection, adapter, document or job",
+    409: "conflicting state (e.g. deleting the active adapter, a collection built with another base)",
+    413: "over a size limit (inputs per request, characters per input, body size, k); the message states both numbers",
+    429: "overloaded: retry after the `Retry-After` seconds",
+    503: "still loading (or failed to load); see /ready",
+}
+
+
+def errors(*codes: int, openai: bool = False) -> dict[int, ResponseSpec]:
+    body = OpenAIError if openai else ErrorBody
+    return {c: ResponseSpec(data_container=body, description=STATUS_TABLE[c]) for c in codes}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -59,33 +118,81 @@ def engine_of(state: State) -> Engine:
     return engine
 
 
-def check_inputs(texts: Sequence[str], settings: Settings) -> None:
+async def run_model_work(engine: Engine, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run engine work on a worker thread, so the event loop keeps answering; refused with 429 at once when
+    ``max_concurrent`` requests are already in progress (a bounded queue, never an unbounded backlog)."""
+    with engine.admission:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def check_inputs(texts: Sequence[str], settings: Settings, what: str = "input") -> None:
     """Limits first, before any work; messages state the limit and the value."""
     if not texts:
-        raise InvalidInputError("input is empty; send a string or a non-empty list of strings")
+        raise InvalidInputError(f"{what} is empty; send a string or a non-empty list of strings")
     if len(texts) > settings.max_inputs:
         raise TooLargeError(f"{len(texts)} inputs > maximum allowed {settings.max_inputs} per request; split the batch")
     for i, text in enumerate(texts):
         if len(text) > settings.max_input_chars:
-            raise TooLargeError(
-                f"input[{i}] has {len(text)} characters > maximum allowed {settings.max_input_chars}; split it"
-            )
+            raise TooLargeError(f"{what}[{i}] has {len(text)} characters > maximum allowed {settings.max_input_chars}; split it")
         if not text.strip():
-            raise InvalidInputError(f"input[{i}] is empty; every input must contain text")
+            raise InvalidInputError(f"{what}[{i}] is empty; every input must contain text")
 
 
-def encode_vectors(vectors: np.ndarray, encoding_format: str) -> list[Embedding]:
-    """Float lists, or base64 of little-endian float32 (what the openai SDK asks for by default)."""
+def encode_vector(v: np.ndarray, encoding_format: str) -> list[float] | str:
+    """A float list, or base64 of little-endian float32 (what the openai SDK asks for by default)."""
     if encoding_format == "base64":
-        return [
-            Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode())
-            for i, v in enumerate(vectors)
-        ]
-    return [Embedding(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)]
+        return base64.b64encode(v.astype("<f4").tobytes()).decode()
+    return v.tolist()
+
+
+def encode_result(result: EmbedResult, encoding_format: str) -> list[Embedding]:
+    windows = result.window_vectors
+    return [
+        Embedding(
+            index=i,
+            embedding=encode_vector(v, encoding_format),
+            windows=None
+            if windows is None
+            else [WindowEmbedding(span=span, embedding=encode_vector(w, encoding_format)) for span, w in zip(*windows[i], strict=True)],
+        )
+        for i, v in enumerate(result.vectors)
+    ]
 
 
 def result_headers(result: EmbedResult) -> dict[str, str]:
     return {ADAPTER_HEADER: result.adapter, WINDOWS_HEADER: ",".join(map(str, result.windows))}
+
+
+def job_info(job: Job) -> JobInfo:
+    return JobInfo(id=job.id, kind=job.kind, status=job.status, done=job.done, total=job.total, result=job.result, error=job.error)
+
+
+def accepted(job: Job) -> Response[JobAccepted]:
+    return Response(JobAccepted(job=job_info(job)), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+# ------------------------------------------------------------------------------------------------- auth
+def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """``read`` routes need the read or the admin key, ``admin`` routes the admin key (or the read key when
+    only that one is configured, so writes are never open while reads are closed). With no keys configured
+    any Bearer header is ignored (the openai SDK always sends one). Keys compare in constant time."""
+    scope = handler.opt.get("auth")
+    settings: Settings = connection.app.state.settings
+    if scope is None or (scope == "metrics" and settings.metrics_public):
+        return
+    allowed = [settings.admin_key or settings.api_key] if scope == "admin" else [settings.api_key, settings.admin_key]
+    if scope != "admin" and settings.api_key is None:
+        return  # reads are open unless a read key is set
+    keys = [k for k in allowed if k]
+    if not keys:
+        return
+    header = connection.headers.get("authorization", "")
+    kind, _, token = header.partition(" ")
+    if kind.lower() != "bearer" or not token:
+        raise HTTPException(status_code=401, detail="send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"})
+    if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+        needed = "the admin key" if scope == "admin" else "the API key"
+        raise HTTPException(status_code=403, detail=f"this key may not call {connection.url.path}; it needs {needed}")
 
 
 # ------------------------------------------------------------------------------------------- controllers
@@ -99,36 +206,53 @@ class OpsController(Controller):
         """Alive; answers while the model is still loading."""
         return Health(status="ok" if state.get("engine") is not None else "loading")
 
-    @get("/ready", responses={503: ResponseSpec(data_container=ErrorBody, description="still loading, or failed to load")})
+    @get("/ready", responses=errors(503))
     async def ready(self, state: State) -> Health:
-        """200 once the model and adapters are loaded, 503 until then."""
+        """200 once the model, adapters and collections are loaded, 503 until then."""
         engine_of(state)
         return Health(status="ok")
+
+
+class MetricsController(PrometheusController):
+    """Prometheus metrics: requests and latency per route, request sizes, cache hit ratio, active adapter."""
+
+    include_in_schema = True
+    opt = {"auth": "metrics"}
+    tags = ["ops"]
 
 
 class EmbedController(Controller):
     """Embeddings: embedlift's own route and the OpenAI-compatible one."""
 
     tags = ["embeddings"]
+    opt = READ
+    security = SECURITY
 
-    @post("/embed", status_code=200, sync_to_thread=True)
-    def embed(self, data: JSONBody[EmbedRequest], state: State) -> Response[EmbedResponse]:
-        """Embed queries (through the adapter) or documents (base space unless the adapter applies to both)."""
+    @post("/embed", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 503))
+    async def embed(self, data: EmbedRequest, state: State) -> Response[EmbedResponse]:
+        """Embed queries (through the adapter) or documents (base space unless the adapter applies to both).
+
+        An input longer than the model's window is the normalised mean of its windows (``x-embedlift-windows``
+        says how many each input had); ``truncate`` embeds only the first window; ``return_windows`` adds every
+        window's vector and span."""
         settings: Settings = state.settings
         texts = [data.input] if isinstance(data.input, str) else data.input
         check_inputs(texts, settings)
         engine = engine_of(state)
-        result = engine.embed(texts, data.input_type, data.adapter, normalize_output=data.normalize, truncate=data.truncate)
+        result = await run_model_work(
+            engine, engine.embed, texts, data.input_type, data.adapter,
+            normalize_output=data.normalize, truncate=data.truncate, return_windows=data.return_windows,
+        )
         body = EmbedResponse(
-            data=encode_vectors(result.vectors, data.encoding_format),
+            data=encode_result(result, data.encoding_format),
             model=engine.base.name,
             adapter=result.adapter,
             usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens),
         )
         return Response(body, headers=result_headers(result))
 
-    @post("/v1/embeddings", status_code=200, sync_to_thread=True)
-    def openai_embeddings(self, data: JSONBody[OpenAIEmbeddingRequest], state: State) -> Response[OpenAIEmbeddingResponse]:
+    @post("/v1/embeddings", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 503, openai=True))
+    async def openai_embeddings(self, data: OpenAIEmbeddingRequest, state: State) -> Response[OpenAIEmbeddingResponse]:
         """OpenAI-compatible. ``model``: ``base``, ``active`` or an adapter name; ``<name>:document`` embeds
         documents (plain names embed queries)."""
         settings: Settings = state.settings
@@ -143,15 +267,15 @@ class EmbedController(Controller):
                 f"dimensions={data.dimensions} is not supported: {engine.base.name} returns {engine.base.dim} dimensions; omit the parameter"
             )
         adapter = None if name == "active" else name
-        result = engine.embed(texts, role, adapter)  # type: ignore[arg-type]
+        result = await run_model_work(engine, engine.embed, texts, role, adapter)
         body = OpenAIEmbeddingResponse(
-            data=encode_vectors(result.vectors, data.encoding_format),
+            data=encode_result(result, data.encoding_format),
             model=data.model,
             usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens),
         )
         return Response(body, headers=result_headers(result))
 
-    @get("/v1/models")
+    @get("/v1/models", responses=errors(401, 403, 503, openai=True))
     async def models(self, state: State) -> ModelList:
         """The names ``/v1/embeddings`` accepts as ``model``."""
         engine = engine_of(state)
@@ -171,32 +295,264 @@ def openai_texts(value: Any) -> list[str]:
     return list(value)
 
 
+class CollectionsController(Controller):
+    """FAISS collections of documents: create, upsert, delete, get, search."""
+
+    path = "/collections"
+    tags = ["collections"]
+    security = SECURITY
+
+    @put("/{name:str}", opt=ADMIN, status_code=200, responses={201: ResponseSpec(CollectionInfo, description="created"), **errors(400, 401, 403, 409, 503)})
+    async def create(self, name: str, state: State, data: CollectionCreate | None = None) -> Response[CollectionInfo]:
+        """Create a collection (idempotent: the same settings again answer 200; other settings, 409)."""
+        engine = engine_of(state)
+        spec = data or CollectionCreate()
+        collection, created = engine.collections.create(
+            name, spec.index, hnsw_m=spec.hnsw_m, ef_search=spec.ef_search, ef_construction=spec.ef_construction
+        )
+        return Response(collection_info(engine, name), status_code=201 if created else 200)
+
+    @get("/", opt=READ, responses=errors(401, 403, 503))
+    async def list_collections(self, state: State) -> CollectionList:
+        """Every collection with its counts; one built with another base shows ``status: base_mismatch``."""
+        engine = engine_of(state)
+        return CollectionList(collections=[collection_info(engine, n) for n in engine.collections.names()])
+
+    @get("/{name:str}", opt=READ, responses=errors(401, 403, 404, 503))
+    async def get_collection(self, name: str, state: State) -> CollectionInfo:
+        return collection_info(engine_of(state), name)
+
+    @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 503))
+    async def delete_collection(self, name: str, state: State) -> None:
+        """Delete a collection and its documents (the directory is renamed aside first, then removed)."""
+        engine_of(state).collections.delete(name)
+
+    @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large upserts)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
+    async def upsert(self, name: str, data: UpsertRequest, state: State) -> Response[UpsertResponse]:
+        """Insert or replace documents by id. Long documents are stored as their windows. Past
+        ``sync_upsert_documents`` documents the upsert runs as a background job (202, ``GET /jobs/{id}``)."""
+        settings: Settings = state.settings
+        engine = engine_of(state)
+        docs = data.documents
+        if len(docs) > settings.max_documents:
+            raise TooLargeError(f"{len(docs)} documents > maximum allowed {settings.max_documents} per request; split the upsert")
+        for i, d in enumerate(docs):
+            if len(d.text) > settings.max_input_chars:
+                raise TooLargeError(f"documents[{i}] ({d.id!r}) has {len(d.text)} characters > maximum allowed {settings.max_input_chars}; split it")
+            if not d.text.strip():
+                raise InvalidInputError(f"documents[{i}] ({d.id!r}) has empty text; every document must contain text")
+        engine.collection(name)  # 404/409 before any work
+        items = [(d.id, d.text, d.metadata) for d in docs]
+        if len(docs) > settings.sync_upsert_documents:
+            job = engine.jobs.submit("upsert", lambda job: _upsert_result(engine.upsert(name, items, job)), total=len(docs))
+            return accepted(job)  # type: ignore[return-value]
+        result = await run_model_work(engine, engine.upsert, name, items)
+        return Response(_upsert_result(result))
+
+    @post("/{name:str}/documents/delete", opt=ADMIN, status_code=200, responses=errors(400, 401, 403, 404, 409, 503))
+    async def delete_documents(self, name: str, data: DeleteRequest, state: State) -> DeleteResponse:
+        """Delete documents by id; ids not in the collection are listed in ``missing``."""
+        engine = engine_of(state)
+        collection = engine.collection(name)
+        missing = await asyncio.to_thread(collection.delete, data.ids)
+        return DeleteResponse(deleted=len(set(data.ids)) - len(set(missing)), missing=missing)
+
+    @get("/{name:str}/documents/{doc_id:str}", opt=READ, responses=errors(401, 403, 404, 409, 503))
+    async def get_document(self, name: str, doc_id: str, state: State) -> StoredDocument:
+        found = engine_of(state).collection(name).store.get(doc_id)
+        if found is None:
+            raise NotFoundError(f"no document {doc_id!r} in collection {name!r}")
+        return StoredDocument(id=found.id, text=found.text, metadata=found.metadata, windows=found.windows)
+
+    @post("/{name:str}/search", opt=READ, status_code=200, responses=errors(400, 401, 403, 404, 409, 413, 429, 503))
+    async def search(self, name: str, data: SearchRequest, state: State) -> Response[SearchResponse]:
+        """Top-``k`` documents for ``query`` (``{"hits"}``) or for each of ``queries`` (``{"results"}``), one hit
+        per document (its best window, whose span is reported), optionally filtered by metadata equality."""
+        settings: Settings = state.settings
+        if (data.query is None) == (data.queries is None):
+            raise InvalidInputError("send exactly one of `query` (a string) or `queries` (a list of strings)")
+        texts = [data.query] if data.query is not None else data.queries or []
+        check_inputs(texts, settings, "query" if data.query is not None else "queries")
+        if data.k > settings.max_k:
+            raise TooLargeError(f"k={data.k} > maximum allowed {settings.max_k}")
+        engine = engine_of(state)
+        result = await run_model_work(engine, engine.search, name, texts, data.k, data.adapter, data.filter)
+        hits = [[search_hit(h) for h in per_query] for per_query in result.hits]
+        body = SearchResponse(adapter=result.adapter, hits=hits[0]) if data.query is not None else SearchResponse(
+            adapter=result.adapter, results=[SearchResult(hits=h) for h in hits]
+        )
+        return Response(body, headers={ADAPTER_HEADER: result.adapter})
+
+
+def search_hit(h: Hit) -> SearchHit:
+    return SearchHit(id=h.id, score=h.score, text=h.text, metadata=h.metadata, span=h.span, window=h.window)
+
+
+def _upsert_result(r: Any) -> UpsertResponse:
+    return UpsertResponse(upserted=r.upserted, windows=r.windows, windowed=r.windowed)
+
+
+def collection_info(engine: Engine, name: str) -> CollectionInfo:
+    mismatched = engine.collections.mismatched()
+    if name in mismatched:
+        c = mismatched[name]
+        return CollectionInfo(name=name, status="base_mismatch", index=c.index, base_fingerprint=c.base_fingerprint, dim=c.dim, created=c.created)
+    collection = engine.collection(name)
+    docs, windows = collection.counts()
+    c = collection.config
+    return CollectionInfo(
+        name=name, status="ready", index=c.index, base_fingerprint=c.base_fingerprint, dim=c.dim, created=c.created,
+        documents=docs, windows=windows,
+    )
+
+
+class EvalController(Controller):
+    """Retrieval evaluation over HTTP, and the background jobs that run the large ones."""
+
+    tags = ["eval"]
+    opt = READ
+    security = SECURITY
+
+    @post("/eval", status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large evaluations)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
+    async def evaluate(self, data: EvalRequest, state: State) -> Response[EvalResponse]:
+        """Base vs adapters on a dataset (inline) or on a collection with queries and relevant ids: the same
+        metrics and names as ``embedlift eval --json``; ``per_query`` adds each query's rank per model."""
+        settings: Settings = state.settings
+        engine = engine_of(state)
+        adapters = engine.models_for_eval(data.adapters)  # unknown names: 404 before any work
+        if (data.dataset is None) == (data.collection is None):
+            raise InvalidInputError("send exactly one of `dataset` (EmbeddingQAFinetuneDataset JSON) or `collection` (with `queries` and `relevant_docs`)")
+        if data.dataset is not None:
+            if data.queries is not None or data.relevant_docs is not None:
+                raise InvalidInputError("`queries` and `relevant_docs` go inside `dataset` (or use `collection`)")
+            ds = validate(QADataset(queries=data.dataset.queries, corpus=data.dataset.corpus, relevant_docs=data.dataset.relevant_docs), "dataset")
+            size = len(ds.queries) + len(ds.corpus)
+
+            def work(job: Job | None = None) -> EvalResponse:
+                return eval_response(engine.evaluate_dataset(ds, adapters, data.k), adapters, data.per_query)
+        else:
+            if not data.queries or not data.relevant_docs:
+                raise InvalidInputError("with `collection`, send `queries` ({id: text}) and `relevant_docs` ({id: [document ids]})")
+            collection = engine.collection(data.collection)  # type: ignore[arg-type]
+            queries, relevant = data.queries, data.relevant_docs
+            size = len(queries) + collection.counts()[0]
+
+            def work(job: Job | None = None) -> EvalResponse:
+                return eval_response(engine.evaluate_collection(collection.name, queries, relevant, adapters, data.k), adapters, data.per_query)
+
+        if data.background or size > settings.sync_eval_texts:
+            return accepted(engine.jobs.submit("eval", work, total=size))  # type: ignore[return-value]
+        return Response(await run_model_work(engine, work))
+
+    @get("/jobs/{job_id:str}", responses=errors(401, 403, 404, 503))
+    async def job(self, job_id: str, state: State) -> JobInfo:
+        """A background job's status, progress (``done`` of ``total``) and, when it succeeded, its result."""
+        return job_info(engine_of(state).jobs.get(job_id))
+
+
+def eval_response(comparison: Any, adapters: Sequence[LoadedAdapter], per_query: bool) -> EvalResponse:
+    return EvalResponse(
+        metrics=comparison.to_json(),
+        models={BASE: BASE, **{a.name: a.label for a in adapters}},
+        queries=len(comparison.query_ids),
+        documents=comparison.n_docs,
+        windowed=comparison.n_windowed,
+        ranks=comparison.ranks() if per_query else None,
+    )
+
+
+@dataclass
+class RegisterAdapterOperation(Operation):
+    """``POST /adapters`` takes JSON ``{"name"}`` or a tar of the checkpoint directory; declare both."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            required=True,
+            description="JSON `{\"name\": ...}` (a directory of the adapters directory), or a tar (optionally "
+            "gzipped) of a checkpoint directory: `tar -c -C adapters/NAME . | curl --data-binary @- -H 'Content-Type: application/x-tar'`",
+            content={
+                "application/json": OpenAPIMediaType(
+                    schema=Schema(
+                        type=OpenAPIType.OBJECT,
+                        required=["name"],
+                        properties={"name": Schema(type=OpenAPIType.STRING, pattern=NAME_PATTERN)},
+                        additional_properties=False,
+                    )
+                ),
+                "application/x-tar": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary")),
+                "application/gzip": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary")),
+            },
+        )
+
+
 class AdaptersController(Controller):
-    """The adapter registry."""
+    """The adapter registry: list, register (hot: validated fully before it can be served), activate,
+    roll back, delete."""
 
     path = "/adapters"
     tags = ["adapters"]
+    security = SECURITY
 
-    @get("/")
+    @get("/", opt=READ, responses=errors(401, 403, 503))
     async def list_adapters(self, state: State) -> AdapterList:
         """Registered adapters with version, kind, base fingerprint, training metrics and which is active."""
         engine = engine_of(state)
         active = engine.active
-        return AdapterList(
-            active=active.label if active else None,
-            adapters=[
-                AdapterInfo(
-                    name=a.name,
-                    version=a.version,
-                    kind=a.checkpoint.config.kind,
-                    apply_to=a.checkpoint.config.apply_to,
-                    base_fingerprint=a.checkpoint.config.base.fingerprint,
-                    active=active is not None and active.name == a.name,
-                    metrics=dict(a.checkpoint.config.metrics),
-                )
-                for a in engine.adapters()
-            ],
-        )
+        return AdapterList(active=active.label if active else None, adapters=[adapter_info(a, active) for a in engine.adapters()])
+
+    @post(
+        "/", opt=ADMIN, status_code=201, operation_class=RegisterAdapterOperation,
+        request_max_body_size=MAX_ADAPTER_UPLOAD, responses=errors(400, 401, 403, 404, 409, 413, 503),
+    )
+    async def register(self, request: Request, state: State, name: str | None = Parameter(query="name", default=None, pattern=NAME_PATTERN, description="name for an uploaded tar (default: the checkpoint's own)")) -> AdapterInfo:
+        """Register a checkpoint (a new name is version 1; a name registered again gets the next version).
+        A checkpoint that fails validation (damaged, wrong base or shape) is refused and nothing changes."""
+        engine = engine_of(state)
+        body = await request.body()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type in ("", "application/json"):
+            try:
+                spec = msgspec.json.decode(body, type=AdapterRegister)
+            except msgspec.ValidationError as exc:
+                raise InvalidInputError(f"invalid body: {exc}") from exc
+            except msgspec.DecodeError as exc:
+                raise InvalidInputError(f"the body is not valid JSON ({exc}); send {{\"name\": \"...\"}} or a tar with Content-Type: application/x-tar") from exc
+            loaded = await asyncio.to_thread(engine.registry.register_name, spec.name)
+        elif content_type in ("application/x-tar", "application/gzip", "application/x-gzip", "application/octet-stream"):
+            loaded = await asyncio.to_thread(engine.registry.register_tar, body, name)
+        else:
+            raise InvalidInputError(f"unsupported Content-Type {content_type!r}: send application/json or application/x-tar")
+        return adapter_info(loaded, engine.active)
+
+    @post("/{name:str}/activate", opt=ADMIN, status_code=200, responses=errors(401, 403, 404, 503))
+    async def activate(self, name: str, state: State) -> ActiveAdapter:
+        """Hot swap: requests that name no adapter use ``name`` from now on (``base``: no adapter).
+        Requests in flight finish on the adapter they started with."""
+        loaded = engine_of(state).registry.activate(name)
+        return ActiveAdapter(active=loaded.label if loaded else None)
+
+    @post("/rollback", opt=ADMIN, status_code=200, responses=errors(401, 403, 409, 503))
+    async def rollback(self, state: State) -> ActiveAdapter:
+        """Back to the previously active adapter."""
+        loaded = engine_of(state).registry.rollback()
+        return ActiveAdapter(active=loaded.label if loaded else None)
+
+    @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 409, 503))
+    async def delete_adapter(self, name: str, state: State) -> None:
+        """Unregister an adapter and remove its checkpoint directory; the active one cannot be deleted."""
+        engine = engine_of(state)
+        engine.registry.delete(name)
+        for c in engine.collections.all():
+            c.drop_views({a.label for a in engine.adapters()})
+
+
+def adapter_info(a: LoadedAdapter, active: LoadedAdapter | None) -> AdapterInfo:
+    c = a.checkpoint.config
+    return AdapterInfo(
+        name=a.name, version=a.version, label=a.label, kind=c.kind, apply_to=c.apply_to,
+        base_fingerprint=c.base.fingerprint, created=c.created, active=active is not None and active.name == a.name,
+        metrics=dict(c.metrics),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -214,6 +570,12 @@ def handle_embedlift_error(request: Request, exc: EmbedliftError) -> Response:
     return _error_response(request, exc.status_code, exc.code, exc.message, headers)
 
 
+HTTP_CODES = {
+    400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "overloaded",
+}
+
+
 def handle_http_exception(request: Request, exc: HTTPException) -> Response:
     """Litestar's own errors (validation 400, unknown route 404, 405, 413) in our shapes."""
     message = exc.detail
@@ -222,8 +584,7 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         message = f"{message}: " + "; ".join(
             f"{e.get('key', '')} {e.get('message', '')}".strip() if isinstance(e, dict) else str(e) for e in extra
         )
-    code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "error")
-    return _error_response(request, exc.status_code, code, message, exc.headers)
+    return _error_response(request, exc.status_code, HTTP_CODES.get(exc.status_code, "error"), message, exc.headers)
 
 
 def handle_internal_error(request: Request, exc: Exception) -> Response:
@@ -234,7 +595,7 @@ def handle_internal_error(request: Request, exc: Exception) -> Response:
 # ------------------------------------------------------------------------------------------------- app
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Litestar:
     """Build the app. With ``engine`` given it is ready at once; otherwise the engine loads in a thread at
-    start-up, so ``/health`` answers (and ``/ready`` says 503) while the model loads."""
+    start-up, so ``/health`` answers (and ``/ready`` says 503) while the model, adapters and collections load."""
     settings = settings or Settings.from_sources()
 
     @asynccontextmanager
@@ -256,11 +617,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             if task is not None and not task.done():
                 task.cancel()
+            if (loaded := app.state.get("engine")) is not None:
+                loaded.close()
 
+    prometheus = PrometheusConfig(app_name="embedlift", prefix="embedlift", group_path=True, exclude=["/metrics"])
     return Litestar(
-        route_handlers=[OpsController, EmbedController, AdaptersController],
+        route_handlers=[OpsController, MetricsController, EmbedController, CollectionsController, EvalController, AdaptersController],
         state=State({"settings": settings, "engine": engine}),
         lifespan=[lifespan],
+        guards=[auth_guard],
+        middleware=[prometheus.middleware],
         exception_handlers={
             EmbedliftError: handle_embedlift_error,
             HTTPException: handle_http_exception,
@@ -270,8 +636,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         openapi_config=OpenAPIConfig(
             title="embedlift",
             version="0.1.0",
-            description="Adapters over frozen embedding models: embed, search and evaluate.",
+            description="Adapters over frozen embedding models: embed, search and evaluate.\n\nStatus codes, on every route: "
+            + "; ".join(f"{c}: {d}" for c, d in STATUS_TABLE.items()),
             path="/schema",
             render_plugins=[SwaggerRenderPlugin(path="/")],
+            components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
         ),
     )

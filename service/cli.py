@@ -185,6 +185,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from embedlift.models.errors import NotFoundError
+    from embedlift.models.windows import embed_documents
+    from embedlift.service.collections import STORE_FILE, DocumentStore, check_name
+
+    check_name(args.collection)
+    path = args.data_dir / "collections" / args.collection / STORE_FILE
+    if not path.is_file():
+        raise NotFoundError(f"no collection {args.collection!r} under {args.data_dir / 'collections'}")
+    encoder = _encoder(args)
+    store = DocumentStore(path)
+    try:
+        before = store.read_config().base_fingerprint
+        ids, texts, _ = store.all_documents()
+        _err(f"re-embedding {len(ids)} documents of {args.collection!r} with {encoder.inner.name}")
+        embedded = embed_documents(encoder, texts)
+        bounds = np.r_[0, np.cumsum(np.bincount(embedded.owner, minlength=len(ids)))]
+        store.replace_all_windows(
+            encoder.fingerprint,
+            [(doc_id, embedded.spans[bounds[i] : bounds[i + 1]], embedded.vectors[bounds[i] : bounds[i + 1]]) for i, doc_id in enumerate(ids)],
+        )
+    finally:
+        store.close()
+    _err(f"{args.collection}: {len(ids)} documents, {len(embedded.spans)} windows; base {before} -> {encoder.fingerprint}")
+    return 0
+
+
 def spec_bytes() -> bytes:
     """The app's OpenAPI spec, formatted as it is committed in openapi/openapi.json."""
     import msgspec
@@ -261,7 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", help="adapter to activate at start")
     s.add_argument("--api-key", help="Bearer key for read routes")
     s.add_argument("--admin-key", help="Bearer key for mutating routes")
+    s.add_argument("--max-concurrent", type=int, help="requests doing model work at once; more get 429 (default 64)")
+    s.add_argument("--watch-interval", type=float,
+                   help="seconds between scans of the adapters directory for new checkpoints; 0 = off (default 2)")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("reindex", help="re-embed a collection's stored texts with another base (e.g. after changing --base)",
+                       description="Run while the server is stopped. Reads the texts from the collection's store, embeds "
+                       "every window with --base, and replaces the stored vectors and the recorded base in one transaction.")
+    r.add_argument("collection", help="collection name")
+    r.add_argument("--data-dir", type=Path, default=Path("data"), help="the server's data directory (default ./data)")
+    _add_base_options(r)
+    r.set_defaults(func=cmd_reindex)
 
     o = sub.add_parser("openapi", help="print (or write) the service's OpenAPI spec")
     o.add_argument("--out", type=Path, help="file to write (default: stdout)")

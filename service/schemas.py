@@ -6,12 +6,13 @@ that names the field. The embedding responses use OpenAI's shape on both routes,
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
 Texts = str | list[str]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -23,12 +24,21 @@ class EmbedRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     normalize: bool = True
     encoding_format: Literal["float", "base64"] = "float"
     truncate: bool = False  # embed only an input's first window instead of pooling all of them
+    return_windows: bool = False  # also return each window's own vector and character span
 
 
-class Embedding(msgspec.Struct, kw_only=True):
+class WindowEmbedding(msgspec.Struct, kw_only=True):
+    """One window of a long input: its character span in the input and its vector."""
+
+    span: tuple[int, int]
+    embedding: list[float] | str
+
+
+class Embedding(msgspec.Struct, kw_only=True, omit_defaults=True):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str  # base64: little-endian float32
+    windows: list[WindowEmbedding] | None = None  # only with return_windows
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -76,9 +86,11 @@ class ModelList(msgspec.Struct, kw_only=True):
 class AdapterInfo(msgspec.Struct, kw_only=True):
     name: str
     version: int
+    label: str  # name@version, as responses' x-embedlift-adapter says
     kind: str
     apply_to: str
     base_fingerprint: str
+    created: str
     active: bool
     metrics: dict[str, object] = {}
 
@@ -86,6 +98,154 @@ class AdapterInfo(msgspec.Struct, kw_only=True):
 class AdapterList(msgspec.Struct, kw_only=True):
     active: str | None
     adapters: list[AdapterInfo]
+
+
+class AdapterRegister(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /adapters`` as JSON: register the checkpoint directory ``name`` of the adapters directory."""
+
+    name: Name
+
+
+class ActiveAdapter(msgspec.Struct, kw_only=True):
+    """The adapter now served when a request names none (``None``: the base)."""
+
+    active: str | None
+
+
+# ---------------------------------------------------------------------------------------- collections
+class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``PUT /collections/{name}``. ``flat``: exact inner-product search; ``hnsw``: approximate, for large
+    collections."""
+
+    index: Literal["flat", "hnsw"] = "flat"
+    hnsw_m: Annotated[int, Meta(ge=4, le=128)] = 32
+    ef_construction: Annotated[int, Meta(ge=8, le=4096)] = 200
+    ef_search: Annotated[int, Meta(ge=1, le=4096)] = 128
+
+
+class CollectionInfo(msgspec.Struct, kw_only=True):
+    name: str
+    status: Literal["ready", "base_mismatch"]
+    index: str
+    base_fingerprint: str
+    dim: int
+    created: str
+    documents: int | None = None
+    windows: int | None = None
+
+
+class CollectionList(msgspec.Struct, kw_only=True):
+    collections: list[CollectionInfo]
+
+
+class Document(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: Annotated[str, Meta(min_length=1, max_length=512)]
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class UpsertRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    documents: Annotated[list[Document], Meta(min_length=1)]
+
+
+class UpsertResponse(msgspec.Struct, kw_only=True):
+    upserted: int
+    windows: int  # windows stored (a document longer than the model's window has several)
+    windowed: int  # documents that needed more than one window
+
+
+class DeleteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    ids: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+
+
+class DeleteResponse(msgspec.Struct, kw_only=True):
+    deleted: int
+    missing: list[str]
+
+
+class StoredDocument(msgspec.Struct, kw_only=True):
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    windows: int
+
+
+Scalar = str | int | float | bool | None
+
+
+class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``query`` (one) or ``queries`` (a batch); ``filter``: metadata equality on every key given."""
+
+    query: str | None = None
+    queries: list[str] | None = None
+    k: Annotated[int, Meta(ge=1)] = 10
+    adapter: str | None = None
+    filter: dict[str, Scalar] | None = None
+
+
+class SearchHit(msgspec.Struct, kw_only=True):
+    id: str
+    score: float
+    text: str
+    metadata: dict[str, Any]
+    span: tuple[int, int]  # characters of the best-matching window in the document's text
+    window: int
+
+
+class SearchResult(msgspec.Struct, kw_only=True):
+    hits: list[SearchHit]
+
+
+class SearchResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    adapter: str
+    hits: list[SearchHit] | None = None  # for "query"
+    results: list[SearchResult] | None = None  # for "queries"
+
+
+# ------------------------------------------------------------------------------------------------ eval
+class EvalDataset(msgspec.Struct, kw_only=True):
+    """LlamaIndex's ``EmbeddingQAFinetuneDataset`` JSON."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    relevant_docs: dict[str, list[str]]
+    mode: str = "text"
+
+
+class EvalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A dataset inline, or a collection with queries and their relevant document ids."""
+
+    dataset: EvalDataset | None = None
+    collection: str | None = None
+    queries: dict[str, str] | None = None
+    relevant_docs: dict[str, list[str]] | None = None
+    adapters: list[str] | None = None  # default: the active adapter (the base is always compared)
+    k: Annotated[list[Annotated[int, Meta(ge=1, le=1000)]], Meta(min_length=1, max_length=20)] = msgspec.field(default_factory=lambda: [1, 3, 5, 10])
+    per_query: bool = False  # also return each query's rank of its first relevant document, per model
+    background: bool = False  # run as a job even when small
+
+
+class EvalResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    metrics: dict[str, dict[str, float]]  # as `embedlift eval --json`
+    models: dict[str, str]  # row name -> name@version
+    queries: int
+    documents: int
+    windowed: int
+    ranks: dict[str, dict[str, int]] | None = None
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    done: int
+    total: int
+    result: Any = None
+    error: str | None = None
+
+
+class JobAccepted(msgspec.Struct, kw_only=True):
+    job: JobInfo
 
 
 class Health(msgspec.Struct, kw_only=True):

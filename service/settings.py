@@ -28,6 +28,14 @@ class Settings:
         max_input_chars: Characters per input.
         max_body_bytes: Request body size.
         batch_size: Texts per forward pass of the base.
+        max_k: Largest ``k`` a search may ask for.
+        max_documents: Documents per upsert request.
+        max_concurrent: Requests doing model work at once; one more gets 429 with Retry-After.
+        sync_upsert_documents: Upserts with more documents run as a background job (202 + ``/jobs/{id}``).
+        sync_eval_texts: Evaluations embedding more texts (queries + documents) run as a background job.
+        upsert_batch: Documents embedded and committed per step of an upsert.
+        watch_interval: Seconds between scans of the adapters directory for new checkpoints (0 = off).
+        metrics_public: ``False`` puts ``/metrics`` behind the read key.
     """
 
     base: str | None = None
@@ -42,6 +50,14 @@ class Settings:
     max_input_chars: int = 65_536
     max_body_bytes: int = 16 * 1024 * 1024
     batch_size: int = 32
+    max_k: int = 1000
+    max_documents: int = 10_000
+    max_concurrent: int = 64
+    sync_upsert_documents: int = 256
+    sync_eval_texts: int = 4096
+    upsert_batch: int = 256
+    watch_interval: float = 2.0
+    metrics_public: bool = True
 
     @classmethod
     def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -60,6 +76,8 @@ class Settings:
                 values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
             elif isinstance(default, int):
                 values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
             elif isinstance(default, Path):
                 values[f.name] = Path(raw)
             else:

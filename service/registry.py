@@ -1,0 +1,324 @@
+"""The adapter registry: which checkpoints the service serves, their versions, and which one is active.
+
+Checkpoints live as directories in the adapters directory (one per name). The registry's own state, the
+version of each name, the active name and the activation history (for rollback), is one small JSON file in
+the data directory, rewritten atomically (temp file, fsync, ``os.replace``) on every change, so the active
+adapter survives a restart.
+
+A hot swap loads and validates the new checkpoint completely (strict load, same base fingerprint and
+dimension) before it replaces one reference under the lock; a request that resolved the old adapter keeps
+it to the end. A checkpoint that fails validation raises, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, replace_dir, load_checkpoint
+from embedlift.models.errors import CheckpointError, ConflictError, EmbedliftError, InvalidInputError, NotFoundError
+from embedlift.service.collections import check_name
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"
+MAX_HISTORY = 32
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A registered adapter: its registry name and version, and the loaded checkpoint."""
+
+    name: str
+    version: int
+    checkpoint: Checkpoint
+    signature: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class RegistryState(msgspec.Struct, kw_only=True):
+    """``registry.json``: what must survive a restart."""
+
+    active: str | None = None
+    history: list[str | None] = []  # previously active names, most recent last (None = the base)
+    versions: dict[str, int] = {}
+    signatures: dict[str, str] = {}
+
+
+def signature(path: Path) -> str:
+    """A hash of a checkpoint's two files: a changed checkpoint in the watched directory is a new version."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AdapterRegistry:
+    """Adapters by name; thread-safe.
+
+    Args:
+        adapters_dir: Directory of checkpoint directories.
+        state_path: ``registry.json``.
+        fingerprint: The base's fingerprint; checkpoints for another base are refused.
+        on_change: Called (outside the lock) after an adapter is registered, so derived state (collection
+            views of ``apply_to: both`` adapters) can be built before the adapter is activated.
+    """
+
+    def __init__(
+        self,
+        adapters_dir: Path,
+        state_path: Path,
+        fingerprint: str,
+        on_change: Callable[[LoadedAdapter], None] | None = None,
+    ) -> None:
+        self.adapters_dir = adapters_dir
+        self.state_path = state_path
+        self.fingerprint = fingerprint
+        self.on_change = on_change
+        self._lock = threading.RLock()
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._active: LoadedAdapter | None = None
+        self._state = RegistryState()
+        self._failed: dict[str, str] = {}  # watched directories that failed to load, by signature
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ start-up
+    def load(self, override_active: str | None = None) -> None:
+        """Read the state, register every valid checkpoint in the adapters directory, restore the active one.
+
+        ``override_active`` (``serve --adapter``) wins over the remembered active adapter.
+        """
+        if self.state_path.is_file():
+            try:
+                self._state = msgspec.json.decode(self.state_path.read_bytes(), type=RegistryState)
+            except msgspec.DecodeError as exc:
+                raise CheckpointError(f"{self.state_path} is damaged ({exc}); delete it to start with no active adapter") from exc
+        self.scan()
+        wanted = override_active if override_active is not None else self._state.active
+        if wanted is not None and wanted != BASE:
+            if wanted not in self._adapters:
+                if override_active is not None:
+                    self._get(wanted)  # raises with the names available
+                logger.warning("the remembered active adapter %r is gone; serving the base", wanted)
+                wanted = None
+        with self._lock:
+            self._active = self._adapters.get(wanted) if wanted not in (None, BASE) else None
+            self._state.active = self._active.name if self._active else None
+            self._save()
+
+    def scan(self) -> list[str]:
+        """Register checkpoints in the adapters directory that are new or changed; returns their labels.
+        A directory that fails to load is logged once per content and skipped."""
+        if not self.adapters_dir.is_dir():
+            return []
+        changed = []
+        for path in sorted(self.adapters_dir.iterdir()):
+            if path.name.startswith(".") or not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+                continue
+            try:
+                check_name(path.name, "adapter")
+                sig = signature(path)
+            except (EmbedliftError, OSError):
+                continue
+            with self._lock:
+                current = self._adapters.get(path.name)
+                if (current is not None and current.signature == sig) or self._failed.get(path.name) == sig:
+                    continue
+                known_same = current is None and self._state.signatures.get(path.name) == sig
+            try:
+                loaded = self._register(path.name, bump=not known_same)
+            except EmbedliftError as exc:
+                logger.warning("adapter %s not loaded: %s", path, exc.message)
+                self._failed[path.name] = sig
+                continue
+            changed.append(loaded.label)
+        return changed
+
+    def watch(self, interval: float = 2.0) -> None:
+        """Poll the adapters directory in a daemon thread: a checkpoint dropped there appears without a call."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    for label in self.scan():
+                        logger.info("adapter %s registered from the adapters directory", label)
+                except Exception:
+                    logger.exception("scanning %s failed", self.adapters_dir)
+
+        self._watcher = threading.Thread(target=loop, name="adapters-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ----------------------------------------------------------------------------------------- queries
+    @property
+    def active(self) -> LoadedAdapter | None:
+        return self._active
+
+    def all(self) -> list[LoadedAdapter]:
+        with self._lock:
+            return sorted(self._adapters.values(), key=lambda a: a.name)
+
+    def _get(self, name: str) -> LoadedAdapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise NotFoundError(f"unknown adapter {name!r}; available: {[BASE, *sorted(self._adapters)]}") from None
+
+    def resolve(self, name: str | None) -> LoadedAdapter | None:
+        """``None``: the active adapter (or the base when none is active); ``"base"``: no adapter."""
+        if name == BASE:
+            return None
+        with self._lock:
+            return self._active if name is None else self._get(name)
+
+    # ---------------------------------------------------------------------------------------- changes
+    def _register(self, name: str, *, bump: bool = True) -> LoadedAdapter:
+        """Load ``adapters_dir/name`` strictly (off the lock), then swap it in."""
+        path = self.adapters_dir / name
+        checkpoint = load_checkpoint(path, expected_fingerprint=self.fingerprint)
+        sig = signature(path)
+        with self._lock:
+            version = self._state.versions.get(name, 0) + (1 if bump else 0)
+            loaded = LoadedAdapter(name=name, version=max(version, 1), checkpoint=checkpoint, signature=sig)
+        if self.on_change is not None:
+            self.on_change(loaded)  # e.g. build document views before anyone can be served by it
+        with self._lock:
+            self._adapters[name] = loaded
+            self._state.versions[name] = loaded.version
+            self._state.signatures[name] = sig
+            self._failed.pop(name, None)
+            if self._active is not None and self._active.name == name:
+                self._active = loaded  # re-registering the active name swaps it in place
+            self._save()
+        return loaded
+
+    def register_name(self, name: str) -> LoadedAdapter:
+        """Register (or re-register, as a new version) the checkpoint ``adapters_dir/name``.
+
+        Only a plain directory name is accepted and the resolved path must stay inside the adapters directory
+        (no ``..``, no absolute paths, no symlink out of it).
+        """
+        check_name(name, "adapter")
+        root = self.adapters_dir.resolve()
+        path = (self.adapters_dir / name).resolve()
+        if path.parent != root:
+            raise InvalidInputError(f"adapter {name!r} resolves outside the adapters directory; refused")
+        if not path.is_dir():
+            raise NotFoundError(
+                f"no checkpoint directory {name!r} in the adapters directory {self.adapters_dir}; "
+                f"present: {sorted(p.name for p in self.adapters_dir.iterdir() if p.is_dir()) if self.adapters_dir.is_dir() else []}"
+            )
+        return self._register(name)
+
+    def register_tar(self, data: bytes, name: str | None = None) -> LoadedAdapter:
+        """Register a checkpoint uploaded as a tar (optionally gzipped) of its directory.
+
+        The archive is unpacked with tarfile's ``data`` filter (no absolute paths, no ``..``, no links out,
+        no devices) into a hidden temp directory inside the adapters directory, validated by a strict load,
+        then renamed into place as ``adapters_dir/<name>`` (``name`` defaults to the checkpoint's own name).
+        """
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.adapters_dir))
+        try:
+            try:
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+                    tar.extractall(tmp / "x", filter="data")
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise InvalidInputError(f"the upload is not a readable tar archive ({exc}); send `tar -c -C DIR .`") from exc
+            root = _checkpoint_root(tmp / "x")
+            checkpoint = load_checkpoint(root, expected_fingerprint=self.fingerprint)  # validate before touching anything
+            target = check_name(name or checkpoint.config.name, "adapter")
+            with self._lock:
+                replace_dir(root, self.adapters_dir / target)
+            return self._register(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def activate(self, name: str) -> LoadedAdapter | None:
+        """Make ``name`` (or ``base``) the adapter served when a request names none."""
+        with self._lock:
+            new = None if name == BASE else self._get(name)
+            previous = self._active.name if self._active else None
+            if (new.name if new else None) != previous:
+                self._state.history = [*self._state.history, previous][-MAX_HISTORY:]
+            self._active = new
+            self._state.active = new.name if new else None
+            self._save()
+            return new
+
+    def rollback(self) -> LoadedAdapter | None:
+        """Back to the previously active adapter (skipping ones deleted since)."""
+        with self._lock:
+            while self._state.history:
+                previous = self._state.history.pop()
+                if previous is None or previous in self._adapters:
+                    self._active = self._adapters[previous] if previous else None
+                    self._state.active = previous
+                    self._save()
+                    return self._active
+            raise ConflictError("no previously active adapter to roll back to")
+
+    def delete(self, name: str) -> None:
+        """Unregister ``name`` and remove its directory (else the watcher would register it again).
+        The active adapter cannot be deleted: activate another (or ``base``) first."""
+        with self._lock:
+            loaded = self._get(name)
+            if self._active is not None and self._active.name == name:
+                raise ConflictError(f"adapter {name!r} is active; activate another (or 'base') before deleting it")
+            del self._adapters[name]
+            self._state.signatures.pop(name, None)
+            self._save()
+            path = self.adapters_dir / name
+            if path.is_dir():
+                trash = Path(tempfile.mkdtemp(prefix=f".{name}.deleted-", dir=self.adapters_dir))
+                os.replace(path, trash / "ckpt")
+                shutil.rmtree(trash, ignore_errors=True)
+        logger.info("adapter %s deleted", loaded.label)
+
+    def _save(self) -> None:
+        atomic_write(self.state_path, msgspec.json.encode(self._state))
+
+
+def _checkpoint_root(folder: Path) -> Path:
+    """The directory holding ``config.json`` in an unpacked upload: the root or its single sub-directory."""
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    entries = [p for p in folder.iterdir()] if folder.is_dir() else []
+    if len(entries) == 1 and entries[0].is_dir() and (entries[0] / CONFIG_FILE).is_file():
+        return entries[0]
+    raise InvalidInputError(
+        f"the archive holds no {CONFIG_FILE} at its root or in a single top-level directory; "
+        f"make it with `tar -c -C adapters/NAME .`"
+    )
