@@ -28,7 +28,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from embedlift.models.errors import (
@@ -229,7 +229,7 @@ class EmbedController(Controller):
     security = SECURITY
 
     @post("/embed", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 503))
-    async def embed(self, data: EmbedRequest, state: State) -> Response[EmbedResponse]:
+    async def embed(self, data: JSONBody[EmbedRequest], state: State) -> Response[EmbedResponse]:
         """Embed queries (through the adapter) or documents (base space unless the adapter applies to both).
 
         An input longer than the model's window is the normalised mean of its windows (``x-embedlift-windows``
@@ -252,7 +252,7 @@ class EmbedController(Controller):
         return Response(body, headers=result_headers(result))
 
     @post("/v1/embeddings", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 503, openai=True))
-    async def openai_embeddings(self, data: OpenAIEmbeddingRequest, state: State) -> Response[OpenAIEmbeddingResponse]:
+    async def openai_embeddings(self, data: JSONBody[OpenAIEmbeddingRequest], state: State) -> Response[OpenAIEmbeddingResponse]:
         """OpenAI-compatible. ``model``: ``base``, ``active`` or an adapter name; ``<name>:document`` embeds
         documents (plain names embed queries)."""
         settings: Settings = state.settings
@@ -303,7 +303,7 @@ class CollectionsController(Controller):
     security = SECURITY
 
     @put("/{name:str}", opt=ADMIN, status_code=200, responses={201: ResponseSpec(CollectionInfo, description="created"), **errors(400, 401, 403, 409, 503)})
-    async def create(self, name: str, state: State, data: CollectionCreate | None = None) -> Response[CollectionInfo]:
+    async def create(self, name: FromPath[str], state: State, data: JSONBody[CollectionCreate | None] = None) -> Response[CollectionInfo]:
         """Create a collection (idempotent: the same settings again answer 200; other settings, 409)."""
         engine = engine_of(state)
         spec = data or CollectionCreate()
@@ -319,16 +319,16 @@ class CollectionsController(Controller):
         return CollectionList(collections=[collection_info(engine, n) for n in engine.collections.names()])
 
     @get("/{name:str}", opt=READ, responses=errors(401, 403, 404, 503))
-    async def get_collection(self, name: str, state: State) -> CollectionInfo:
+    async def get_collection(self, name: FromPath[str], state: State) -> CollectionInfo:
         return collection_info(engine_of(state), name)
 
     @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 503))
-    async def delete_collection(self, name: str, state: State) -> None:
+    async def delete_collection(self, name: FromPath[str], state: State) -> None:
         """Delete a collection and its documents (the directory is renamed aside first, then removed)."""
         engine_of(state).collections.delete(name)
 
     @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large upserts)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
-    async def upsert(self, name: str, data: UpsertRequest, state: State) -> Response[UpsertResponse]:
+    async def upsert(self, name: FromPath[str], data: JSONBody[UpsertRequest], state: State) -> Response[UpsertResponse]:
         """Insert or replace documents by id. Long documents are stored as their windows. Past
         ``sync_upsert_documents`` documents the upsert runs as a background job (202, ``GET /jobs/{id}``)."""
         settings: Settings = state.settings
@@ -350,7 +350,7 @@ class CollectionsController(Controller):
         return Response(_upsert_result(result))
 
     @post("/{name:str}/documents/delete", opt=ADMIN, status_code=200, responses=errors(400, 401, 403, 404, 409, 503))
-    async def delete_documents(self, name: str, data: DeleteRequest, state: State) -> DeleteResponse:
+    async def delete_documents(self, name: FromPath[str], data: JSONBody[DeleteRequest], state: State) -> DeleteResponse:
         """Delete documents by id; ids not in the collection are listed in ``missing``."""
         engine = engine_of(state)
         collection = engine.collection(name)
@@ -358,14 +358,14 @@ class CollectionsController(Controller):
         return DeleteResponse(deleted=len(set(data.ids)) - len(set(missing)), missing=missing)
 
     @get("/{name:str}/documents/{doc_id:str}", opt=READ, responses=errors(401, 403, 404, 409, 503))
-    async def get_document(self, name: str, doc_id: str, state: State) -> StoredDocument:
+    async def get_document(self, name: FromPath[str], doc_id: FromPath[str], state: State) -> StoredDocument:
         found = engine_of(state).collection(name).store.get(doc_id)
         if found is None:
             raise NotFoundError(f"no document {doc_id!r} in collection {name!r}")
         return StoredDocument(id=found.id, text=found.text, metadata=found.metadata, windows=found.windows)
 
     @post("/{name:str}/search", opt=READ, status_code=200, responses=errors(400, 401, 403, 404, 409, 413, 429, 503))
-    async def search(self, name: str, data: SearchRequest, state: State) -> Response[SearchResponse]:
+    async def search(self, name: FromPath[str], data: JSONBody[SearchRequest], state: State) -> Response[SearchResponse]:
         """Top-``k`` documents for ``query`` (``{"hits"}``) or for each of ``queries`` (``{"results"}``), one hit
         per document (its best window, whose span is reported), optionally filtered by metadata equality."""
         settings: Settings = state.settings
@@ -414,7 +414,7 @@ class EvalController(Controller):
     security = SECURITY
 
     @post("/eval", status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large evaluations)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
-    async def evaluate(self, data: EvalRequest, state: State) -> Response[EvalResponse]:
+    async def evaluate(self, data: JSONBody[EvalRequest], state: State) -> Response[EvalResponse]:
         """Base vs adapters on a dataset (inline) or on a collection with queries and relevant ids: the same
         metrics and names as ``embedlift eval --json``; ``per_query`` adds each query's rank per model."""
         settings: Settings = state.settings
@@ -445,7 +445,7 @@ class EvalController(Controller):
         return Response(await run_model_work(engine, work))
 
     @get("/jobs/{job_id:str}", responses=errors(401, 403, 404, 503))
-    async def job(self, job_id: str, state: State) -> JobInfo:
+    async def job(self, job_id: FromPath[str], state: State) -> JobInfo:
         """A background job's status, progress (``done`` of ``total``) and, when it succeeded, its result."""
         return job_info(engine_of(state).jobs.get(job_id))
 
@@ -504,7 +504,7 @@ class AdaptersController(Controller):
         "/", opt=ADMIN, status_code=201, operation_class=RegisterAdapterOperation,
         request_max_body_size=MAX_ADAPTER_UPLOAD, responses=errors(400, 401, 403, 404, 409, 413, 503),
     )
-    async def register(self, request: Request, state: State, name: str | None = Parameter(query="name", default=None, pattern=NAME_PATTERN, description="name for an uploaded tar (default: the checkpoint's own)")) -> AdapterInfo:
+    async def register(self, request: Request, state: State, name: str | None = Parameter(default=None, pattern=NAME_PATTERN, description="name for an uploaded tar (default: the checkpoint's own)")) -> AdapterInfo:
         """Register a checkpoint (a new name is version 1; a name registered again gets the next version).
         A checkpoint that fails validation (damaged, wrong base or shape) is refused and nothing changes."""
         engine = engine_of(state)
@@ -525,7 +525,7 @@ class AdaptersController(Controller):
         return adapter_info(loaded, engine.active)
 
     @post("/{name:str}/activate", opt=ADMIN, status_code=200, responses=errors(401, 403, 404, 503))
-    async def activate(self, name: str, state: State) -> ActiveAdapter:
+    async def activate(self, name: FromPath[str], state: State) -> ActiveAdapter:
         """Hot swap: requests that name no adapter use ``name`` from now on (``base``: no adapter).
         Requests in flight finish on the adapter they started with."""
         loaded = engine_of(state).registry.activate(name)
@@ -538,7 +538,7 @@ class AdaptersController(Controller):
         return ActiveAdapter(active=loaded.label if loaded else None)
 
     @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 409, 503))
-    async def delete_adapter(self, name: str, state: State) -> None:
+    async def delete_adapter(self, name: FromPath[str], state: State) -> None:
         """Unregister an adapter and remove its checkpoint directory; the active one cannot be deleted."""
         engine = engine_of(state)
         engine.registry.delete(name)

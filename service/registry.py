@@ -256,7 +256,7 @@ class AdapterRegistry:
                 with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
                     tar.extractall(tmp / "x", filter="data")
             except (tarfile.TarError, OSError, EOFError) as exc:
-                raise InvalidInputError(f"the upload is not a readable tar archive ({exc}); send `tar -c -C DIR .`") from exc
+                raise InvalidInputError(f"the upload is not a safe, readable tar archive ({exc}); send `tar -c -C DIR .`") from exc
             root = _checkpoint_root(tmp / "x")
             checkpoint = load_checkpoint(root, expected_fingerprint=self.fingerprint)  # validate before touching anything
             target = check_name(name or checkpoint.config.name, "adapter")

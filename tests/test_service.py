@@ -1,14 +1,16 @@
-"""The service: the engine without HTTP, then a real `embedlift serve` on 127.0.0.1 driven by httpx and
-the real openai SDK."""
+"""The service: the engine without HTTP, then a real `embedlift serve` on 127.0.0.1 (API keys on) driven by
+httpx and the real openai SDK."""
 
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import socket
+import io
+import json
+import shutil
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -16,27 +18,35 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 
-from embedlift.models.adapters import AdapterConfig, build_adapter
 from embedlift.models.cache import CachedEncoder, EmbeddingCache
-from embedlift.models.checkpoint import BaseInfo, load_checkpoint, save_checkpoint
-from embedlift.models.errors import NotFoundError
+from embedlift.models.checkpoint import load_checkpoint
+from embedlift.models.errors import NotFoundError, OverloadedError
+from embedlift.models.windows import embed_documents
+from embedlift.service.collections import CollectionManager
 from embedlift.service.engine import Engine
+from embedlift.service.registry import AdapterRegistry
+from embedlift.service.settings import Settings
+from tests.helpers import REPO, make_adapter, start_server, stop_server
 
-REPO = Path(__file__).resolve().parents[1]
 LONG = " ".join(["Lyft's revenue depends on the number of riders and drivers on its platform."] * 60)
-
-
-def make_adapter(minilm, out: Path, apply_to: str = "query", seed: int = 0) -> Path:
-    """A real checkpoint for the real base, with weights moved off the identity."""
-    torch.manual_seed(seed)
-    adapter = build_adapter(AdapterConfig(kind="linear", dim=minilm.dim, apply_to=apply_to))
-    with torch.no_grad():
-        adapter.linear.weight.add_(0.05 * torch.randn_like(adapter.linear.weight))
-    base = BaseInfo(name=minilm.name, fingerprint=minilm.fingerprint, dim=minilm.dim, details=minilm.describe())
-    save_checkpoint(adapter, out, base=base)
-    return out
+READ_KEY, ADMIN_KEY = "read-key", "admin-key"
+READ = {"Authorization": f"Bearer {READ_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+DOCS = [
+    {"id": f"d{i}", "text": text, "metadata": {"section": "risk" if i % 2 else "financials"}}
+    for i, text in enumerate(
+        [
+            "Revenue grew 36% year over year as rides recovered.",
+            "Drivers may be reclassified as employees, which would raise costs.",
+            "Active riders reached 18.7 million in the fourth quarter.",
+            "Insurance reserves may prove inadequate for claims.",
+            "Bikes and scooters operate in several cities.",
+            "Autonomous vehicle efforts were sold to Toyota's Woven Planet.",
+            LONG,
+        ]
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +60,14 @@ def adapters_dir(minilm, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------ engine
 @pytest.fixture(scope="module")
 def engine(minilm, adapters_dir, tmp_path_factory):
-    cache = EmbeddingCache(tmp_path_factory.mktemp("engine") / "c.sqlite3")
-    ckpts = [load_checkpoint(p, expected_fingerprint=minilm.fingerprint) for p in sorted(adapters_dir.iterdir())]
-    return Engine(CachedEncoder(minilm, cache, progress=False), ckpts, active="q-linear")
+    root = tmp_path_factory.mktemp("engine")
+    encoder = CachedEncoder(minilm, EmbeddingCache(root / "c.sqlite3"), progress=False)
+    registry = AdapterRegistry(adapters_dir, root / "registry.json", minilm.fingerprint)
+    collections = CollectionManager(root / "collections", minilm.fingerprint, minilm.dim)
+    collections.load_all()
+    engine = Engine(encoder, registry, collections, Settings(data_dir=root))
+    registry.load("q-linear")
+    return engine
 
 
 def test_engine_applies_the_adapter_to_queries_only(engine, minilm, adapters_dir):
@@ -74,6 +89,10 @@ def test_engine_pools_long_inputs_unless_truncation_is_asked(engine, minilm):
     first = engine.embed([LONG], "query", "base", truncate=True)
     assert first.windows == [1]
     assert not np.allclose(pooled.vectors[0], first.vectors[0])
+    every = engine.embed([LONG], "query", "base", return_windows=True)
+    spans, vectors = every.window_vectors[0]
+    assert len(spans) == pooled.windows[0] and spans[0][0] == 0 and spans[-1][1] == len(LONG)
+    np.testing.assert_allclose(vectors, minilm.encode([LONG[a:b] for a, b in spans], "query"), atol=1e-5)
 
 
 def test_engine_unknown_adapter_lists_names(engine):
@@ -81,49 +100,71 @@ def test_engine_unknown_adapter_lists_names(engine):
         engine.embed(["x"], "query", "nope")
 
 
+def test_engine_search_with_a_both_adapter_uses_its_document_view(engine, minilm, adapters_dir):
+    """An apply_to=both adapter searches documents mapped by its document transform from the stored base
+    vectors: the same ranking as embedding everything through the adapter by hand."""
+    engine.collections.create("view-test")
+    engine.upsert("view-test", [(d["id"], d["text"], d["metadata"]) for d in DOCS])
+    adapter = load_checkpoint(adapters_dir / "both-linear").adapter
+    result = engine.search("view-test", ["who bought the self-driving unit?"], 3, "both-linear")
+    docs = embed_documents(minilm, [d["text"] for d in DOCS])
+    q = adapter.transform_query(minilm.encode(["who bought the self-driving unit?"], "query"))
+    scores = adapter.transform_document(docs.vectors) @ q[0]
+    best = {DOCS[o]["id"]: max(s for s, oo in zip(scores, docs.owner) if oo == o) for o in range(len(DOCS))}
+    assert [h.id for h in result.hits[0]] == sorted(best, key=lambda d: -best[d])[:3]
+    assert result.adapter == "both-linear@1"
+
+
+def test_overload_is_a_429_with_retry_after(engine):
+    """Past max_concurrent requests in progress, the next is refused at once (never queued without bound)."""
+    from litestar.testing import TestClient
+
+    from embedlift.service.app import create_app
+
+    engine.admission.limit = 1
+    with engine.admission, pytest.raises(OverloadedError, match="maximum 1"), engine.admission:
+        pass
+    try:
+        with TestClient(create_app(engine.settings, engine)) as client, engine.admission:
+            r = client.post("/embed", json={"input": "x"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1" and "maximum 1" in r.json()["detail"]
+    finally:
+        engine.admission.limit = engine.settings.max_concurrent
+
+
 # ------------------------------------------------------------------------------------------- HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(adapters_dir, tmp_path_factory):
-    """`embedlift serve` as a user starts it, on a free loopback port; stopped by its PID."""
-    port = free_port()
-    data_dir = tmp_path_factory.mktemp("serve-data")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDLIFT_ADAPTER": "q-linear"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "embedlift.service.cli", "serve", "--port", str(port),
-         "--data-dir", str(data_dir), "--adapters-dir", str(adapters_dir)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    """`embedlift serve` with API keys, on a free loopback port; stopped by SIGTERM, which must exit 0."""
+    proc, url = start_server(
+        tmp_path_factory.mktemp("serve-data"), adapters_dir, "--api-key", READ_KEY, "--admin-key", ADMIN_KEY,
+        "--watch-interval", "0.2", env={"EMBEDLIFT_ADAPTER": "q-linear"},
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready in 120 s")
     yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert stop_server(proc) == 0
 
 
-def test_health_and_ready(server):
+def test_health_ready_and_metrics_are_public(server):
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server}/ready").status_code == 200
+    assert httpx.get(f"{server}/schema/openapi.json").status_code == 200
+
+
+def test_auth_read_and_admin_keys(server):
+    assert httpx.post(f"{server}/embed", json={"input": "x"}).status_code == 401
+    assert httpx.post(f"{server}/embed", json={"input": "x"}, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert httpx.post(f"{server}/embed", json={"input": "x"}, headers=READ).status_code == 200
+    assert httpx.post(f"{server}/embed", json={"input": "x"}, headers=ADMIN).status_code == 200  # admin may read
+    r = httpx.put(f"{server}/collections/nope", headers=READ)
+    assert r.status_code == 403 and "admin key" in r.json()["detail"]
+    assert httpx.post(f"{server}/adapters/rollback", headers=READ).status_code == 403
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.embeddings.create(model="base", input="x")
 
 
 def test_embed_float_and_base64_agree(server, minilm, adapters_dir):
-    r = httpx.post(f"{server}/embed", json={"input": ["net revenue", "active riders"]})
+    r = httpx.post(f"{server}/embed", json={"input": ["net revenue", "active riders"]}, headers=READ)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["adapter"] == "q-linear@1" and r.headers["x-embedlift-adapter"] == "q-linear@1"
@@ -132,25 +173,28 @@ def test_embed_float_and_base64_agree(server, minilm, adapters_dir):
     floats = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
     expected = load_checkpoint(adapters_dir / "q-linear").adapter.transform(minilm.encode(["net revenue", "active riders"], "query"))
     np.testing.assert_allclose(floats, expected, atol=1e-5)
-    b = httpx.post(f"{server}/embed", json={"input": "net revenue", "encoding_format": "base64"}).json()
+    b = httpx.post(f"{server}/embed", json={"input": "net revenue", "encoding_format": "base64"}, headers=READ).json()
     decoded = np.frombuffer(base64.b64decode(b["data"][0]["embedding"]), dtype="<f4")
-    np.testing.assert_allclose(decoded, floats[0], atol=1e-6)  # single vs batched encode: padding numerics
+    np.testing.assert_allclose(decoded, floats[0], atol=1e-6)
 
 
-def test_embed_long_input_says_how_many_windows(server):
-    r = httpx.post(f"{server}/embed", json={"input": [LONG, "short"], "input_type": "document"})
+def test_embed_long_input_windows(server):
+    r = httpx.post(f"{server}/embed", json={"input": [LONG, "short"], "input_type": "document", "return_windows": True}, headers=READ)
     counts = [int(c) for c in r.headers["x-embedlift-windows"].split(",")]
     assert counts[0] > 1 and counts[1] == 1
+    data = r.json()["data"]
+    assert len(data[0]["windows"]) == counts[0] and len(data[1]["windows"]) == 1
+    assert data[0]["windows"][-1]["span"][1] == len(LONG)
 
 
 def test_openai_sdk_base64_and_float_match_embed(server):
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=READ_KEY)
     texts = ["How many riders did Lyft have?", "What are the risk factors?"]
     default = client.embeddings.create(model="active", input=texts)  # the SDK asks for base64
     floats = client.embeddings.create(model="active", input=texts, encoding_format="float")
     a = np.array([d.embedding for d in default.data])
     b = np.array([d.embedding for d in floats.data])
-    native = np.array([d["embedding"] for d in httpx.post(f"{server}/embed", json={"input": texts}).json()["data"]])
+    native = np.array([d["embedding"] for d in httpx.post(f"{server}/embed", json={"input": texts}, headers=READ).json()["data"]])
     np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(a, native, atol=1e-6)
     assert default.usage.total_tokens > 0
@@ -161,48 +205,266 @@ def test_openai_sdk_base64_and_float_match_embed(server):
 
 
 def test_openai_errors_are_openai_shaped(server):
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-anything", max_retries=0)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=READ_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError, match="available"):
         client.embeddings.create(model="nope", input="x")
     with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length=False"):
         client.embeddings.create(model="base", input=[[1, 2, 3]])
     with pytest.raises(openai.BadRequestError, match="dimensions=64 is not supported"):
         client.embeddings.create(model="base", input="x", dimensions=64)
-    r = httpx.post(f"{server}/v1/embeddings", json={"model": "nope", "input": "x"})
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": "nope", "input": "x"}, headers=READ)
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    ids = [m.id for m in client.models.list().data]
-    assert ids == ["active", "base", "both-linear", "q-linear"]
+    assert [m.id for m in client.models.list().data] == ["active", "base", "both-linear", "q-linear"]
 
 
 @pytest.mark.parametrize(
-    "body,status,message",
+    "path,body,status,message",
     [
-        ({"input": []}, 400, "input is empty"),
-        ({"input": "  "}, 400, "input[0] is empty"),
-        ({"input": ["x"] * 257}, 413, "257 inputs > maximum allowed 256"),
-        ({"input": "x" * 70_000}, 413, "70000 characters > maximum allowed 65536"),
-        ({"input": "x", "surprise": 1}, 400, "surprise"),
-        ({"input": 5}, 400, "input"),
-        ({"input": "x", "input_type": "passage"}, 400, "input_type"),
-        ({"input": "x", "adapter": "nope"}, 404, "unknown adapter 'nope'"),
+        ("/embed", {"input": []}, 400, "input is empty"),
+        ("/embed", {"input": "  "}, 400, "input[0] is empty"),
+        ("/embed", {"input": ["x"] * 257}, 413, "257 inputs > maximum allowed 256"),
+        ("/embed", {"input": "x" * 70_000}, 413, "70000 characters > maximum allowed 65536"),
+        ("/embed", {"input": "x", "surprise": 1}, 400, "surprise"),
+        ("/embed", {"input": 5}, 400, "input"),
+        ("/embed", {"input": "x", "input_type": "passage"}, 400, "input_type"),
+        ("/embed", {"input": "x", "adapter": "nope"}, 404, "unknown adapter 'nope'"),
+        ("/collections/nope/search", {"query": "x"}, 404, "unknown collection 'nope'"),
+        ("/collections/docs/search", {"query": "x", "k": 1001}, 413, "k=1001 > maximum allowed 1000"),
+        ("/collections/docs/search", {"query": "x", "queries": ["y"]}, 400, "exactly one of"),
+        ("/collections/docs/search", {"query": "x", "k": 0}, 400, "k"),
+        ("/eval", {"collection": "docs"}, 400, "queries"),
+        ("/eval", {"dataset": {"queries": {"q": "x"}, "corpus": {"a": "y"}, "relevant_docs": {"q": ["zz"]}}}, 400, "zz"),
+        ("/eval", {"collection": "docs", "queries": {"q": "x"}, "relevant_docs": {"q": ["nope"]}}, 404, "nope"),
     ],
 )
-def test_bad_input_is_a_clear_4xx(server, body, status, message):
-    r = httpx.post(f"{server}/embed", json=body)
+def test_bad_input_is_a_clear_4xx(server, path, body, status, message):
+    httpx.put(f"{server}/collections/docs", headers=ADMIN)
+    r = httpx.post(f"{server}{path}", json=body, headers=ADMIN)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
 
 
 def test_malformed_json_and_unknown_routes(server):
-    r = httpx.post(f"{server}/embed", content=b"{nope", headers={"content-type": "application/json"})
+    r = httpx.post(f"{server}/embed", content=b"{nope", headers={"content-type": "application/json", **READ})
     assert r.status_code == 400
-    assert httpx.get(f"{server}/nothing-here").status_code == 404
+    assert httpx.get(f"{server}/nothing-here", headers=READ).status_code == 404
 
 
-def test_adapters_listing(server):
-    body = httpx.get(f"{server}/adapters").json()
-    assert body["active"] == "q-linear@1"
-    assert {a["name"]: a["active"] for a in body["adapters"]} == {"both-linear": False, "q-linear": True}
+def test_collections_upsert_search_get_delete(server):
+    assert httpx.put(f"{server}/collections/kb", headers=ADMIN).status_code == 201
+    assert httpx.put(f"{server}/collections/kb", headers=ADMIN).status_code == 200  # idempotent
+    r = httpx.post(f"{server}/collections/kb/documents", json={"documents": DOCS}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["upserted"] == len(DOCS) and r.json()["windowed"] == 1
+    r = httpx.post(f"{server}/collections/kb/search", json={"query": "How many riders were active?", "k": 3}, headers=READ)
+    body = r.json()
+    assert r.status_code == 200 and body["adapter"] == "q-linear@1" and body["hits"][0]["id"] == "d2"
+    assert [h["score"] for h in body["hits"]] == sorted((h["score"] for h in body["hits"]), reverse=True)
+    r = httpx.post(
+        f"{server}/collections/kb/search",
+        json={"queries": ["insurance claims", "driver classification"], "k": 2, "filter": {"section": "risk"}, "adapter": "base"},
+        headers=READ,
+    )
+    results = r.json()["results"]
+    assert [res["hits"][0]["id"] for res in results] == ["d3", "d1"]
+    assert all(h["metadata"]["section"] == "risk" for res in results for h in res["hits"])
+    long_hit = httpx.post(f"{server}/collections/kb/search", json={"query": "Lyft's revenue depends on riders and drivers on its platform", "k": 1, "adapter": "base"}, headers=READ).json()["hits"][0]
+    assert long_hit["id"] == "d6" and long_hit["span"][1] - long_hit["span"][0] < len(LONG)
+    assert httpx.get(f"{server}/collections/kb/documents/d3", headers=READ).json()["metadata"] == {"section": "risk"}
+    assert httpx.get(f"{server}/collections/kb/documents/zz", headers=READ).status_code == 404
+    r = httpx.post(f"{server}/collections/kb/documents/delete", json={"ids": ["d3", "zz"]}, headers=ADMIN)
+    assert r.json() == {"deleted": 1, "missing": ["zz"]}
+    info = httpx.get(f"{server}/collections/kb", headers=READ).json()
+    assert info["documents"] == len(DOCS) - 1 and info["status"] == "ready"
+    assert "kb" in [c["name"] for c in httpx.get(f"{server}/collections", headers=READ).json()["collections"]]
+
+
+def test_bulk_upsert_runs_as_a_job(server):
+    httpx.put(f"{server}/collections/bulk", headers=ADMIN)
+    docs = [{"id": f"b{i}", "text": f"Bulk passage number {i} about ride volumes."} for i in range(300)]
+    r = httpx.post(f"{server}/collections/bulk/documents", json={"documents": docs}, headers=ADMIN, timeout=60)
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    assert r.headers["location"] == f"/jobs/{job['id']}"
+    deadline = time.time() + 120
+    while job["status"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.2)
+        job = httpx.get(f"{server}/jobs/{job['id']}", headers=READ).json()
+    assert job["status"] == "succeeded" and job["done"] == job["total"] == 300
+    assert job["result"]["upserted"] == 300
+    assert httpx.get(f"{server}/collections/bulk", headers=READ).json()["documents"] == 300
+    assert httpx.get(f"{server}/jobs/nope", headers=READ).status_code == 404
+
+
+def test_eval_equals_the_cli(server, lyft_slice, adapters_dir, tmp_path):
+    cli = subprocess.run(
+        [sys.executable, "-m", "embedlift.service.cli", "eval", str(lyft_slice), "--adapter", str(adapters_dir / "q-linear"),
+         "--json", "--cache", str(tmp_path / "c.sqlite3")],
+        capture_output=True, text=True, check=True,
+    )
+    expected = json.loads(cli.stdout)
+    dataset = json.loads(lyft_slice.read_text())
+    r = httpx.post(f"{server}/eval", json={"dataset": dataset, "adapters": ["q-linear"], "per_query": True}, headers=READ, timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["metrics"].keys() == expected.keys()
+    for name in expected:
+        for metric, value in expected[name].items():
+            assert body["metrics"][name][metric] == pytest.approx(value, abs=1e-9), (name, metric)
+    assert body["models"] == {"base": "base", "q-linear": "q-linear@1"}
+    assert set(body["ranks"]["base"]) == set(dataset["queries"])
+    r = httpx.post(f"{server}/eval", json={"dataset": dataset, "adapters": ["q-linear"], "background": True}, headers=READ)
+    assert r.status_code == 202
+    job_id = r.json()["job"]["id"]
+    for _ in range(600):
+        job = httpx.get(f"{server}/jobs/{job_id}", headers=READ).json()
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded" and job["result"]["metrics"] == body["metrics"]
+
+
+def test_eval_on_a_collection(server):
+    httpx.put(f"{server}/collections/kb", headers=ADMIN)
+    httpx.post(f"{server}/collections/kb/documents", json={"documents": DOCS}, headers=ADMIN)
+    r = httpx.post(
+        f"{server}/eval",
+        json={"collection": "kb", "queries": {"q1": "Who bought the autonomous vehicle unit?", "q2": "How many active riders?"},
+              "relevant_docs": {"q1": ["d5"], "q2": ["d2"]}, "k": [1, 3], "adapters": ["base", "q-linear"]},
+        headers=READ,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["documents"] == len(DOCS) and body["metrics"]["base"]["hit_rate@3"] == 1.0
+    assert set(body["metrics"]) == {"base", "q-linear"} and "hit_rate@5" not in body["metrics"]["base"]
+
+
+def tar_of(directory: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(directory, arcname=".")
+    return buf.getvalue()
+
+
+def test_adapter_registry_over_http(server, minilm, adapters_dir, tmp_path):
+    make_adapter(minilm, tmp_path / "uploaded", seed=7)
+    r = httpx.post(f"{server}/adapters?name=uploaded", content=tar_of(tmp_path / "uploaded"),
+                   headers={"Content-Type": "application/x-tar", **ADMIN})
+    assert r.status_code == 201, r.text
+    assert r.json()["label"] == "uploaded@1"
+    r = httpx.post(f"{server}/adapters", json={"name": "uploaded"}, headers=ADMIN)
+    assert r.json()["label"] == "uploaded@2"  # registered again: next version
+    assert httpx.post(f"{server}/adapters", json={"name": "../q-linear"}, headers=ADMIN).status_code == 400
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "uploaded", damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 64)
+    r = httpx.post(f"{server}/adapters?name=q-linear", content=tar_of(damaged), headers={"Content-Type": "application/x-tar", **ADMIN})
+    assert r.status_code == 400 and "damaged" in r.json()["detail"]
+    assert httpx.get(f"{server}/adapters", headers=READ).json()["active"] == "q-linear@1"  # refused: nothing changed
+    assert httpx.post(f"{server}/adapters/uploaded/activate", headers=ADMIN).json() == {"active": "uploaded@2"}
+    assert httpx.post(f"{server}/embed", json={"input": "x"}, headers=READ).headers["x-embedlift-adapter"] == "uploaded@2"
+    assert httpx.delete(f"{server}/adapters/uploaded", headers=ADMIN).status_code == 409  # the active one
+    assert httpx.post(f"{server}/adapters/rollback", headers=ADMIN).json() == {"active": "q-linear@1"}
+    assert httpx.delete(f"{server}/adapters/uploaded", headers=ADMIN).status_code == 204
+    assert "uploaded" not in [a["name"] for a in httpx.get(f"{server}/adapters", headers=READ).json()["adapters"]]
+    # a checkpoint dropped into the watched adapters directory appears without a call
+    make_adapter(minilm, adapters_dir / "dropped", seed=8)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if "dropped" in [a["name"] for a in httpx.get(f"{server}/adapters", headers=READ).json()["adapters"]]:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the dropped checkpoint was not registered")
+
+
+def test_hot_swap_under_load(server, minilm, adapters_dir):
+    """Swap the active adapter every few milliseconds while clients embed and search: no request fails,
+    and each response's vectors (and hits) are exactly those of the adapter@version it names."""
+    text = "How fast did revenue grow?"
+    httpx.put(f"{server}/collections/kb", headers=ADMIN)
+    httpx.post(f"{server}/collections/kb/documents", json={"documents": DOCS}, headers=ADMIN)
+    names = ["q-linear", "both-linear", "base"]
+    expected_vectors, expected_hits = {}, {}
+    for name in names:
+        r = httpx.post(f"{server}/embed", json={"input": text, "adapter": name}, headers=READ).json()
+        expected_vectors[r["adapter"]] = np.array(r["data"][0]["embedding"])
+        s = httpx.post(f"{server}/collections/kb/search", json={"query": text, "k": 3, "adapter": name}, headers=READ).json()
+        expected_hits[s["adapter"]] = [(h["id"], h["score"]) for h in s["hits"]]
+    failures, seen, stop = [], [], threading.Event()
+
+    def swapper():
+        i = 0
+        with httpx.Client(headers=ADMIN) as c:
+            while not stop.is_set():
+                c.post(f"{server}/adapters/{names[i % 3]}/activate").raise_for_status()
+                i += 1
+                time.sleep(0.003)
+
+    def client(kind):
+        with httpx.Client(headers=READ, timeout=30) as c:
+            for _ in range(25):
+                if kind == "embed":
+                    r = c.post(f"{server}/embed", json={"input": text})
+                    if r.status_code != 200:
+                        failures.append(r.text)
+                        continue
+                    label = r.json()["adapter"]
+                    if not np.allclose(r.json()["data"][0]["embedding"], expected_vectors[label], atol=1e-5):
+                        failures.append(f"embed vectors differ from {label}")
+                else:
+                    r = c.post(f"{server}/collections/kb/search", json={"query": text, "k": 3})
+                    if r.status_code != 200:
+                        failures.append(r.text)
+                        continue
+                    label = r.json()["adapter"]
+                    got = [(h["id"], h["score"]) for h in r.json()["hits"]]
+                    if [g[0] for g in got] != [e[0] for e in expected_hits[label]] or not np.allclose(
+                        [g[1] for g in got], [e[1] for e in expected_hits[label]], atol=1e-5
+                    ):
+                        failures.append(f"search hits differ from {label}")
+                seen.append(label)
+
+    swap = threading.Thread(target=swapper)
+    swap.start()
+    workers = [threading.Thread(target=client, args=(k,)) for k in ["embed", "search"] * 3]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    swap.join()
+    assert failures == []
+    assert len(seen) == 150 and len(set(seen)) >= 2  # the swaps really interleaved with the requests
+    httpx.post(f"{server}/adapters/q-linear/activate", headers=ADMIN).raise_for_status()
+
+
+def test_metrics(server):
+    text = httpx.get(f"{server}/metrics").text  # public by default
+    assert "embedlift_cache_hit_ratio" in text
+    assert 'embedlift_active_adapter_version{adapter="q-linear"}' in text
+    assert "embedlift_request_inputs_bucket" in text and "embedlift_requests_total" in text
+
+
+def test_restart_keeps_collections_and_the_active_adapter(minilm, tmp_path):
+    adapters = tmp_path / "adapters"
+    make_adapter(minilm, adapters / "a")
+    proc, url = start_server(tmp_path / "data", adapters, "--watch-interval", "0")
+    try:
+        httpx.put(f"{url}/collections/kb", json={"index": "hnsw"}).raise_for_status()
+        httpx.post(f"{url}/collections/kb/documents", json={"documents": DOCS}).raise_for_status()
+        httpx.post(f"{url}/collections/kb/documents/delete", json={"ids": ["d0"]}).raise_for_status()
+        httpx.post(f"{url}/adapters/a/activate").raise_for_status()
+        before = httpx.post(f"{url}/collections/kb/search", json={"query": "rider growth", "k": 5}).json()
+    finally:
+        assert stop_server(proc) == 0
+    proc, url = start_server(tmp_path / "data", adapters, "--watch-interval", "0")
+    try:
+        assert httpx.get(f"{url}/adapters").json()["active"] == "a@1"
+        after = httpx.post(f"{url}/collections/kb/search", json={"query": "rider growth", "k": 5}).json()
+        assert after == before and before["adapter"] == "a@1"
+        assert httpx.get(f"{url}/collections/kb").json()["documents"] == len(DOCS) - 1
+    finally:
+        assert stop_server(proc) == 0
 
 
 def test_openapi_spec_has_not_drifted():

@@ -1,0 +1,219 @@
+"""Collections without HTTP: the real model, real FAISS and real SQLite files, checked against brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedlift.models.cache import CachedEncoder, EmbeddingCache
+from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
+from embedlift.models.windows import embed_documents, embed_pooled
+from embedlift.service.collections import CollectionManager, NewDocument
+
+TOPICS = ["revenue growth", "ride sharing drivers", "autonomous vehicles", "insurance costs", "bike and scooter rentals"]
+LONG = " ".join(f"Paragraph {i} discusses {TOPICS[i % 5]} in detail for the annual report." for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def encoder(minilm, tmp_path_factory):
+    return CachedEncoder(minilm, EmbeddingCache(tmp_path_factory.mktemp("cc") / "c.sqlite3"), progress=False)
+
+
+def documents(encoder, items):
+    """NewDocuments with real base window vectors."""
+    embedded = embed_documents(encoder, [t for _, t, _ in items])
+    bounds = np.r_[0, np.cumsum(np.bincount(embedded.owner, minlength=len(items)))]
+    return [
+        NewDocument(id=i, text=t, metadata=m, spans=embedded.spans[bounds[n] : bounds[n + 1]], vectors=embedded.vectors[bounds[n] : bounds[n + 1]])
+        for n, (i, t, m) in enumerate(items)
+    ]
+
+
+def corpus(n=40):
+    return [(f"doc-{i}", f"Document {i} is about {TOPICS[i % 5]} and item {i}.", {"topic": TOPICS[i % 5], "even": i % 2 == 0, "n": i}) for i in range(n)]
+
+
+def brute_force(encoder, items, query, k):
+    """Best-window cosine of every document, ids sorted by score."""
+    q, _ = embed_pooled(encoder, [query], "query")
+    scores = {}
+    for doc in documents(encoder, items):
+        scores[doc.id] = float((doc.vectors @ q[0]).max())
+    return sorted(scores, key=lambda d: -scores[d])[:k], scores
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_search_matches_brute_force_one_hit_per_document(encoder, tmp_path, index):
+    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    c, created = manager.create("docs", index)
+    assert created
+    items = corpus() + [("long", LONG, {"topic": "long"})]
+    c.upsert(documents(encoder, items))
+    q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
+    hits = c.search(q, 5, c.ensure_view("base", None))[0]
+    expected, scores = brute_force(encoder, items, "autonomous vehicles", 5)
+    assert [h.id for h in hits] == expected
+    for h in hits:
+        assert h.score == pytest.approx(scores[h.id], abs=1e-5)
+    assert len({h.id for h in hits}) == len(hits)
+    long_hit = next(h for h in c.search(q, 50, c.ensure_view("base", None))[0] if h.id == "long")
+    a, b = long_hit.span
+    assert 0 <= a < b <= len(LONG) and long_hit.text == LONG  # the best window's span, whole text returned
+
+
+def test_filter_upsert_replace_delete(encoder, tmp_path):
+    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    c, _ = manager.create("docs")
+    c.upsert(documents(encoder, corpus()))
+    view = c.ensure_view("base", None)
+    q, _ = embed_pooled(encoder, ["revenue growth"], "query")
+    hits = c.search(q, 10, view, {"topic": "insurance costs", "even": True})[0]
+    assert hits and all(h.metadata["topic"] == "insurance costs" and h.metadata["even"] is True for h in hits)
+    assert c.search(q, 3, view, {"n": 7})[0][0].id == "doc-7"
+    assert c.search(q, 3, view, {"topic": "nothing"})[0] == []
+    # re-upserting an id replaces it (text, metadata and vectors)
+    c.upsert(documents(encoder, [("doc-7", "Quarterly revenue growth accelerated strongly.", {"topic": "new"})]))
+    assert c.store.get("doc-7").metadata == {"topic": "new"}
+    assert c.search(q, 1, view)[0][0].id == "doc-7"
+    assert c.counts() == (40, 40)
+    assert c.delete(["doc-7", "missing"]) == ["missing"]
+    assert "doc-7" not in [h.id for h in c.search(q, 40, view)[0]]
+    assert c.counts() == (39, 39)
+    with pytest.raises(InvalidInputError, match="filter key"):
+        c.search(q, 3, view, {'bad"key': 1})
+
+
+def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
+    import embedlift.service.collections as collections
+
+    monkeypatch.setattr(collections, "REBUILD_MIN", 4)
+    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    c, _ = manager.create("h", "hnsw")
+    c.upsert(documents(encoder, corpus(20)))
+    view = c.ensure_view("base", None)
+    q, _ = embed_pooled(encoder, ["ride sharing drivers"], "query")
+    gone = [h.id for h in c.search(q, 8, view)[0]]
+    c.delete(gone)
+    deadline = time.time() + 30
+    while c._rebuilding and time.time() < deadline:
+        time.sleep(0.05)
+    hits = c.search(q, 20, c.ensure_view("base", None))[0]
+    assert not set(gone) & {h.id for h in hits} and len(hits) == 12
+    assert c.ensure_view("base", None).index.ntotal == 12  # the graph was rebuilt without the deleted ids
+
+
+def test_restart_serves_the_same_documents(encoder, tmp_path):
+    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    c, _ = manager.create("docs")
+    c.upsert(documents(encoder, corpus()))
+    c.delete(["doc-3"])
+    q, _ = embed_pooled(encoder, ["bike rentals"], "query")
+    before = [(h.id, h.score) for h in c.search(q, 10, c.ensure_view("base", None))[0]]
+    manager.close()
+    again = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    again.load_all()
+    c2 = again.get("docs")
+    after = [(h.id, h.score) for h in c2.search(q, 10, c2.ensure_view("base", None))[0]]
+    assert after == before and c2.counts() == (39, 39)
+
+
+def test_names_conflicts_and_unknown(encoder, tmp_path):
+    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    for bad in ["../x", ".hidden", "a/b", ""]:
+        with pytest.raises(InvalidInputError, match="invalid collection name"):
+            manager.create(bad)
+    manager.create("a")
+    assert manager.create("a")[1] is False  # same settings: idempotent
+    with pytest.raises(ConflictError, match="other settings"):
+        manager.create("a", "hnsw")
+    with pytest.raises(NotFoundError, match="unknown collection 'b'"):
+        manager.get("b")
+    manager.delete("a")
+    assert manager.names() == [] and not any(tmp_path.iterdir())
+
+
+def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
+    """A collection built with another base is listed but refused, naming both fingerprints and the
+    re-index command; `embedlift reindex` re-embeds its stored texts onto this base."""
+    data_dir = tmp_path / "data"
+    other = CollectionManager(data_dir / "collections", "other-model:0123456789abcdef", encoder.dim)
+    other.load_all()
+    c, _ = other.create("docs")
+    c.upsert(documents(encoder, corpus(10)))  # vectors do not matter: they are about to be replaced
+    other.close()
+    manager = CollectionManager(data_dir / "collections", encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    with pytest.raises(ConflictError) as err:
+        manager.get("docs")
+    assert "other-model:0123456789abcdef" in err.value.message and encoder.fingerprint in err.value.message
+    assert "embedlift reindex docs" in err.value.message
+    manager.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "embedlift.service.cli", "reindex", "docs", "--data-dir", str(data_dir), "--cache", str(tmp_path / "c.sqlite3")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    fixed = CollectionManager(data_dir / "collections", encoder.fingerprint, encoder.dim)
+    fixed.load_all()
+    c = fixed.get("docs")
+    q, _ = embed_pooled(encoder, ["insurance costs"], "query")
+    expected, _ = brute_force(encoder, corpus(10), "insurance costs", 3)
+    assert [h.id for h in c.search(q, 3, c.ensure_view("base", None))[0]] == expected
+
+
+CRASHER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from pathlib import Path
+    from embedlift.service.collections import CollectionManager, NewDocument
+    root, dim = Path(sys.argv[1]), 8
+    m = CollectionManager(root, "fake:0", dim); m.load_all()
+    c = m.get("docs")
+    rng = np.random.default_rng(0)
+    for batch in range(10_000):
+        docs = [NewDocument(id=f"b{batch}-{i}", text="t" * 50, metadata={"batch": batch},
+                            spans=[(0, 25), (20, 50)], vectors=rng.random((2, dim), dtype=np.float32)) for i in range(50)]
+        c.upsert(docs)
+        print(f"ack {batch}", flush=True)
+    """
+)
+
+
+def test_a_crash_mid_write_keeps_every_acknowledged_write(tmp_path):
+    """SIGKILL a process that upserts in a loop: every batch it acknowledged is there, whole, and nothing
+    half-written is (each document has all of its windows)."""
+    m = CollectionManager(tmp_path, "fake:0", 8)
+    m.load_all()
+    m.create("docs")
+    m.close()
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    acked = -1
+    for line in proc.stdout:
+        acked = int(line.split()[1])
+        if acked >= 20:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    m = CollectionManager(tmp_path, "fake:0", 8)
+    m.load_all()
+    c = m.get("docs")
+    docs, windows = c.counts()
+    assert docs >= 50 * (acked + 1) and docs % 50 == 0  # whole batches only
+    assert windows == 2 * docs
+    for batch in range(acked + 1):
+        assert c.store.get(f"b{batch}-49") is not None
+    assert c.ensure_view("base", None).index.ntotal == windows
