@@ -91,6 +91,12 @@ class EmbeddingCache:
                 "SELECT COUNT(*) FROM base_vectors WHERE fingerprint = ?", (fingerprint,)
             ).fetchone()[0]
 
+    def dim_of(self, fingerprint: str) -> int | None:
+        """The length of any vector stored for ``fingerprint`` (``None`` when there is none)."""
+        with self._lock:
+            row = self._db.execute("SELECT length(vector) FROM base_vectors WHERE fingerprint = ? LIMIT 1", (fingerprint,)).fetchone()
+        return None if row is None else row[0] // 4
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -130,7 +136,13 @@ class CachedEncoder(Encoder):
         self.chunk_size = chunk_size
         self.progress = progress
         self.stats = CacheStats()
-        self.name, self.dim, self.fingerprint = inner.name, inner.dim, inner.fingerprint
+        self.name, self.fingerprint = inner.name, inner.fingerprint
+        if getattr(inner, "needs_dim", False) and cache is not None and (known := cache.dim_of(self.fingerprint)):
+            inner.set_dim(known)  # a remote base's dimension, without a probe call
+
+    @property
+    def dim(self) -> int:  # type: ignore[override]
+        return self.inner.dim
 
     def prompt(self, role: Role) -> str:
         return self.inner.prompt(role)

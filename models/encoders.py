@@ -245,8 +245,17 @@ def _slug(name: str) -> str:
 def load_encoder(base: str | None = None, **options: Any) -> Encoder:
     """Build the encoder ``--base`` names: a local path or hub id (default: the packaged MiniLM).
 
-    ``openai:<model>`` (a remote base) arrives with the remote-base issue; it is refused clearly until then.
+    ``openai:<model>`` is a remote base over the OpenAI embeddings protocol (``models/remote.py``); its
+    options (``base_url``, ``api_key``, ``dimensions``, ...) are ignored by local models, and local-only
+    options (``max_seq_length``, ...) by remote ones.
     """
     if base is not None and base.startswith("openai:"):
-        raise InvalidInputError(f"remote bases ({base!r}) are not supported yet; use a local model path or hub id")
-    return LocalEncoder(base, **options)
+        from embedlift.models.remote import OpenAIEncoder
+
+        return OpenAIEncoder(base[len("openai:") :], **{k: v for k, v in options.items() if v is not None})
+    local = {k: v for k, v in options.items() if k not in REMOTE_OPTIONS}
+    return LocalEncoder(base, **local)
+
+
+#: Options only a remote base takes.
+REMOTE_OPTIONS = ("base_url", "api_key", "dimensions", "max_input_tokens", "tokenizer", "max_concurrency", "progress")

@@ -79,3 +79,10 @@ class UnavailableError(EmbedliftError):
 
     status_code = 503
     code = "unavailable"
+
+
+class RemoteError(EmbedliftError):
+    """A remote base (an OpenAI-protocol server) refused or failed a request after retries (502)."""
+
+    status_code = 502
+    code = "remote_error"

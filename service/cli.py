@@ -34,6 +34,12 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window-stride", type=int, help="tokens between window starts (default: 3/4 of the window)")
     g.add_argument("--cache", type=Path, help="base-embedding cache file (default: $EMBEDLIFT_CACHE or ~/.cache/embedlift/)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the base-embedding cache")
+    r = p.add_argument_group("remote base (--base openai:<model>)")
+    r.add_argument("--base-url", help="OpenAI-protocol API root, e.g. http://127.0.0.1:8080/v1 (default: $OPENAI_BASE_URL or OpenAI)")
+    r.add_argument("--openai-api-key", help="API key of the remote (default: $OPENAI_API_KEY)")
+    r.add_argument("--dimensions", type=int, help="ask the remote for shorter vectors (text-embedding-3-*)")
+    r.add_argument("--remote-max-input-tokens", type=int, help="the remote's per-input token limit (default 8191)")
+    r.add_argument("--tokenizer", help="local Hugging Face tokenizer to cut windows with (default: a character budget)")
 
 
 def _encoder(args: argparse.Namespace, recorded: dict[str, Any] | None = None):
@@ -56,6 +62,11 @@ def _encoder(args: argparse.Namespace, recorded: dict[str, Any] | None = None):
         batch_size=args.batch_size,
         window_tokens=pick("window_tokens", "window_tokens"),
         window_stride=pick("window_stride", "window_stride"),
+        base_url=pick("base_url", "base_url"),
+        api_key=args.openai_api_key,
+        dimensions=pick("dimensions", "dimensions"),
+        max_input_tokens=pick("remote_max_input_tokens", "max_input_tokens"),
+        tokenizer=pick("tokenizer", "tokenizer"),
     )
     cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
     return CachedEncoder(encoder, cache)
@@ -214,6 +225,75 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from embedlift.models.checkpoint import atomic_write
+    from embedlift.training.generate import (
+        DEFAULT_PROMPT,
+        GenerationStopped,
+        QuestionWriter,
+        corpus_chunks,
+        generate,
+        make_chunks,
+        read_documents,
+    )
+
+    json_inputs = [p for p in args.inputs if p.suffix.lower() == ".json"]
+    other = [p for p in args.inputs if p.suffix.lower() != ".json"]
+    documents, problems = read_documents(other)
+    chunks = make_chunks(documents, args.chunk_words, args.overlap_words)
+    for p in json_inputs:
+        chunks += corpus_chunks(p)
+    for problem in problems:
+        _err(f"embedlift: warning: {problem}")
+    if not chunks:
+        raise InvalidInputError("no text to generate questions from" + (f" ({len(problems)} inputs unusable, see above)" if problems else ""))
+    template = args.prompt_template.read_text(encoding="utf-8") if args.prompt_template else DEFAULT_PROMPT
+    writer = QuestionWriter(
+        args.llm_model, base_url=args.llm_base_url, api_key=args.llm_api_key, template=template,
+        num_questions=args.questions_per_chunk, temperature=args.temperature,
+    )
+    _err(f"{len(chunks)} chunks from {len(args.inputs)} inputs; progress in {_progress_path(args.out)}")
+    try:
+        dataset, report = generate(
+            chunks, writer, _progress_path(args.out), concurrency=args.concurrency, restart=args.restart
+        )
+        stopped = None
+    except GenerationStopped as exc:
+        dataset, report, stopped = exc.dataset, exc.report, exc
+    _write_generated(dataset, args, atomic_write)
+    _err(
+        f"{report.done} chunks done now, {report.reused} from earlier runs, {report.failed} failed; "
+        f"{report.questions} questions on {len(dataset['corpus'])} chunks written to {args.out}"
+    )
+    for problem in report.problems[:10]:
+        _err(f"  failed: {problem}")
+    if stopped is not None:
+        _err(f"embedlift: error: stopped: {stopped.message}; re-run the same command to continue")
+        return 2
+    if report.failed or problems:
+        _err("embedlift: some inputs or chunks failed (listed above); re-run the same command to retry the chunks")
+        return 1
+    return 0
+
+
+def _progress_path(out: Path) -> Path:
+    return out.with_name(out.name + ".progress.sqlite3")
+
+
+def _write_generated(dataset: dict[str, Any], args: argparse.Namespace, atomic_write: Any) -> None:
+    """The dataset, or with ``--val-fraction`` a train file and a ``.val.json`` split by document."""
+    from embedlift.training.dataset import QADataset, split
+
+    if not args.val_fraction or not dataset["corpus"]:
+        atomic_write(args.out, json.dumps(dataset, indent=1, ensure_ascii=False).encode())
+        return
+    ds = QADataset(queries=dataset["queries"], corpus=dataset["corpus"], relevant_docs=dataset["relevant_docs"])
+    train, val = split(ds, args.val_fraction, by="document", seed=args.seed)
+    for part, path in ((train, args.out), (val, args.out.with_suffix(".val.json"))):
+        body = {**json.loads(part.to_json()), "corpus_metadata": {d: dataset["corpus_metadata"][d] for d in part.corpus}}
+        atomic_write(path, json.dumps(body, indent=1, ensure_ascii=False).encode())
+
+
 def spec_bytes() -> bytes:
     """The app's OpenAPI spec, formatted as it is committed in openapi/openapi.json."""
     import msgspec
@@ -287,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 8080)")
     s.add_argument("--data-dir", type=Path, help="service state: base-embedding cache, collections (default ./data)")
     s.add_argument("--adapters-dir", type=Path, help="adapter checkpoints, one sub-directory each (default ./adapters)")
+    s.add_argument("--base-url", help="with --base openai:<model>: the OpenAI-protocol API root (default: $OPENAI_BASE_URL)")
+    s.add_argument("--dimensions", type=int, help="with --base openai:<model>: ask for shorter vectors")
     s.add_argument("--adapter", help="adapter to activate at start")
     s.add_argument("--api-key", help="Bearer key for read routes")
     s.add_argument("--admin-key", help="Bearer key for mutating routes")
@@ -302,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", type=Path, default=Path("data"), help="the server's data directory (default ./data)")
     _add_base_options(r)
     r.set_defaults(func=cmd_reindex)
+
+    g = sub.add_parser("generate", help="make (question, passage) pairs from documents with an OpenAI-compatible LLM",
+                       description="Chunk documents (.txt, .md, .pdf, directories, or a corpus JSON) and ask a chat model "
+                       "for questions each chunk answers. Resumable: re-run the same command to continue. Exit 0: all done; "
+                       "1: written, but some inputs or chunks failed; 2: stopped (the LLM is unusable), progress kept.")
+    g.add_argument("inputs", type=Path, nargs="+", help="files, directories, or corpus JSON")
+    g.add_argument("--out", type=Path, required=True, help="dataset JSON to write (EmbeddingQAFinetuneDataset)")
+    g.add_argument("--llm-model", required=True, help="chat model name at the server")
+    g.add_argument("--llm-base-url", help="OpenAI-compatible API root (default: $OPENAI_BASE_URL or OpenAI)")
+    g.add_argument("--llm-api-key", help="API key (default: $OPENAI_API_KEY)")
+    g.add_argument("--questions-per-chunk", type=int, default=2)
+    g.add_argument("--chunk-words", type=int, default=200, help="target words per chunk (default 200)")
+    g.add_argument("--overlap-words", type=int, default=30, help="words of sentences repeated between chunks (default 30)")
+    g.add_argument("--prompt-template", type=Path, help="file with the prompt; {context} and {num_questions} are filled in")
+    g.add_argument("--temperature", type=float, default=0.2)
+    g.add_argument("--concurrency", type=int, default=4, help="LLM requests in flight (default 4)")
+    g.add_argument("--val-fraction", type=float, help="also write OUT's .val.json with this fraction of the chunks")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--restart", action="store_true", help="discard the progress of a run with other settings")
+    g.set_defaults(func=cmd_generate)
 
     o = sub.add_parser("openapi", help="print (or write) the service's OpenAPI spec")
     o.add_argument("--out", type=Path, help="file to write (default: stdout)")

@@ -118,7 +118,10 @@ class Engine:
     def from_settings(cls, settings: Settings, *, watch: bool = True) -> Engine:
         """Load the base, open the cache, registry and collections under ``data_dir``."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        base = load_encoder(settings.base, batch_size=settings.batch_size)
+        base = load_encoder(
+            settings.base, batch_size=settings.batch_size, base_url=settings.base_url,
+            api_key=settings.openai_api_key, dimensions=settings.dimensions, progress=False,
+        )
         encoder = CachedEncoder(base, EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3"), progress=False)
         collections = CollectionManager(settings.data_dir / "collections", base.fingerprint, base.dim)
         collections.load_all()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, replace_dir, load_checkpoint
+from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write, load_checkpoint, replace_dir
 from embedlift.models.errors import CheckpointError, ConflictError, EmbedliftError, InvalidInputError, NotFoundError
 from embedlift.service.collections import check_name
 
@@ -65,21 +65,6 @@ def signature(path: Path) -> str:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         h.update((path / name).read_bytes())
     return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class AdapterRegistry:

@@ -17,6 +17,9 @@ class Settings:
 
     Attributes:
         base: Base model (local path or hub id); ``None`` = the packaged all-MiniLM-L6-v2.
+        base_url: With ``base = "openai:<model>"``: the OpenAI-protocol API root (else ``$OPENAI_BASE_URL``).
+        openai_api_key: The remote's key (else ``$OPENAI_API_KEY``).
+        dimensions: With a remote base: ask for shorter vectors.
         host: Interface to bind.
         port: Port to bind.
         data_dir: Where the service keeps its state (base-embedding cache, collections, registry).
@@ -39,6 +42,9 @@ class Settings:
     """
 
     base: str | None = None
+    base_url: str | None = None
+    openai_api_key: str | None = None
+    dimensions: int | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path("data")
@@ -72,6 +78,9 @@ class Settings:
             if raw is None:
                 continue
             default = f.default
+            if f.name == "dimensions":
+                values[f.name] = int(raw)
+                continue
             if isinstance(default, bool):
                 values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
             elif isinstance(default, int):

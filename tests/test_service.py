@@ -278,6 +278,16 @@ def test_collections_upsert_search_get_delete(server):
     assert "kb" in [c["name"] for c in httpx.get(f"{server}/collections", headers=READ).json()["collections"]]
 
 
+def test_openai_sdk_generic_calls_reach_embedlift_routes(server):
+    """The README's promise: the openai SDK's generic get/post (same Bearer header) call every route group."""
+    api = openai.OpenAI(base_url=server, api_key=ADMIN_KEY, max_retries=0)
+    api.put("/collections/sdk", cast_to=object)
+    api.post("/collections/sdk/documents", body={"documents": DOCS[:3]}, cast_to=object)
+    found = api.post("/collections/sdk/search", body={"query": "How many active riders?", "k": 1, "adapter": "base"}, cast_to=object)
+    assert found["hits"][0]["id"] == "d2"
+    assert api.get("/adapters", cast_to=object)["active"] == "q-linear@1"
+
+
 def test_bulk_upsert_runs_as_a_job(server):
     httpx.put(f"{server}/collections/bulk", headers=ADMIN)
     docs = [{"id": f"b{i}", "text": f"Bulk passage number {i} about ride volumes."} for i in range(300)]
