@@ -54,3 +54,15 @@ def lyft_slice(lyft, tmp_path_factory) -> Path:
 def shared_cache(tmp_path_factory) -> Path:
     """One base-embedding cache file for the session, so each text is embedded once across tests."""
     return tmp_path_factory.mktemp("cache") / "base.sqlite3"
+
+
+@pytest.fixture(scope="session")
+def remote(tmp_path_factory):
+    """A remote base for `--base openai:base`: embedlift serving the packaged MiniLM with no adapter on a
+    loopback port (a real server speaking the OpenAI embeddings protocol)."""
+    from tests.helpers import start_server, stop_server
+
+    root = tmp_path_factory.mktemp("remote")
+    proc, url = start_server(root / "data", root / "adapters", "--watch-interval", "0")
+    yield url
+    assert stop_server(proc) == 0

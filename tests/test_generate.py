@@ -136,7 +136,8 @@ def test_chunks_keep_whole_sentences_and_overlap():
     assert first_sentence_of_second in chunks[0]  # overlap: the next chunk repeats the last sentence
 
 
-def test_generate_from_text_markdown_and_pdf_then_train(chat, tmp_path, minilm):
+def test_generate_from_text_markdown_and_pdf_then_train_on_a_remote_base(chat, remote, tmp_path):
+    """The README's flow: generate with an LLM, then train over a remote base (both local protocol servers)."""
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text(essay(40, 1))
@@ -152,13 +153,14 @@ def test_generate_from_text_markdown_and_pdf_then_train(chat, tmp_path, minilm):
     assert len(ds.corpus) >= 4 and len(ds.queries) == 2 * len(ds.corpus)  # duplicates dropped: 2 per chunk
     pages = {(m["source"].rsplit("/", 1)[-1], m["page"]) for m in data["corpus_metadata"].values()}
     assert ("c.pdf", 1) in pages and ("c.pdf", 2) in pages and ("a.txt", None) in pages
-    # the generated file trains as it is
+    # the generated file trains as it is, over a remote base
     t = subprocess.run(
         [sys.executable, "-m", "embedlift.service.cli", "train", str(out), "--kind", "linear", "--epochs", "2",
-         "--out", str(tmp_path / "adapter"), "--cache", str(tmp_path / "c.sqlite3")],
-        capture_output=True, text=True,
+         "--base", "openai:base", "--base-url", f"{remote}/v1", "--out", str(tmp_path / "adapter"), "--cache", str(tmp_path / "c.sqlite3")],
+        capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "unused"},
     )
     assert t.returncode == 0, t.stderr
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["base"]["name"] == "openai:base"
 
 
 def test_resume_after_a_kill_pays_each_chunk_once(chat, tmp_path):

@@ -29,15 +29,6 @@ from tests.helpers import start_server, stop_server
 
 
 # ------------------------------------------------------------------------------- embedlift as the remote
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory):
-    """embedlift serving the packaged MiniLM with no adapter: `model="base"` is the plain base."""
-    root = tmp_path_factory.mktemp("remote")
-    proc, url = start_server(root / "data", root / "adapters", "--watch-interval", "0")
-    yield url
-    assert stop_server(proc) == 0
-
-
 def remote_calls(url: str) -> float:
     """How many /v1/embeddings requests the remote has answered (from its Prometheus metrics)."""
     text = httpx.get(f"{url}/metrics").text
