@@ -92,6 +92,11 @@ class WindowedVectors:
         counts = np.bincount(self.owner, minlength=self.n_docs)
         return int((counts > 1).sum())
 
+    def per_document(self) -> list[tuple[list[Span], np.ndarray]]:
+        """Each document's window spans and vectors, in document order (its windows are contiguous)."""
+        bounds = np.r_[0, np.cumsum(np.bincount(self.owner, minlength=self.n_docs))]
+        return [(self.spans[a:b], self.vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def map(self, vectors: np.ndarray) -> WindowedVectors:
         """The same windows with other vectors (e.g. the adapter's document view)."""
         return WindowedVectors(vectors=vectors, owner=self.owner, spans=self.spans, n_docs=self.n_docs)

@@ -197,8 +197,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from embedlift.models.errors import NotFoundError
     from embedlift.models.windows import embed_documents
     from embedlift.service.collections import STORE_FILE, DocumentStore, check_name
@@ -214,10 +212,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         ids, texts, _ = store.all_documents()
         _err(f"re-embedding {len(ids)} documents of {args.collection!r} with {encoder.inner.name}")
         embedded = embed_documents(encoder, texts)
-        bounds = np.r_[0, np.cumsum(np.bincount(embedded.owner, minlength=len(ids)))]
         store.replace_all_windows(
             encoder.fingerprint,
-            [(doc_id, embedded.spans[bounds[i] : bounds[i + 1]], embedded.vectors[bounds[i] : bounds[i + 1]]) for i, doc_id in enumerate(ids)],
+            [(doc_id, spans, vectors) for doc_id, (spans, vectors) in zip(ids, embedded.per_document(), strict=True)],
         )
     finally:
         store.close()

@@ -216,22 +216,18 @@ class Engine:
         commits as it goes and reports progress."""
         collection = self.collection(name)
         ids = [d[0] for d in documents]
-        if dupes := sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []:
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise InvalidInputError(f"document ids must be unique in one upsert; repeated: {dupes[:5]}")
         windows = windowed = 0
         step = self.settings.upsert_batch
         for start in range(0, len(documents), step):
             part = documents[start : start + step]
             embedded = embed_documents(self.encoder, [d[1] for d in part])
-            bounds = np.r_[0, np.cumsum(np.bincount(embedded.owner, minlength=len(part)))]
             collection.upsert(
                 [
-                    NewDocument(
-                        id=doc_id, text=text, metadata=meta,
-                        spans=embedded.spans[bounds[i] : bounds[i + 1]],
-                        vectors=embedded.vectors[bounds[i] : bounds[i + 1]],
-                    )
-                    for i, (doc_id, text, meta) in enumerate(part)
+                    NewDocument(id=doc_id, text=text, metadata=meta, spans=spans, vectors=vectors)
+                    for (doc_id, text, meta), (spans, vectors) in zip(part, embedded.per_document(), strict=True)
                 ]
             )
             windows += len(embedded.spans)

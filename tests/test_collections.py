@@ -31,10 +31,9 @@ def encoder(minilm, tmp_path_factory):
 def documents(encoder, items):
     """NewDocuments with real base window vectors."""
     embedded = embed_documents(encoder, [t for _, t, _ in items])
-    bounds = np.r_[0, np.cumsum(np.bincount(embedded.owner, minlength=len(items)))]
     return [
-        NewDocument(id=i, text=t, metadata=m, spans=embedded.spans[bounds[n] : bounds[n + 1]], vectors=embedded.vectors[bounds[n] : bounds[n + 1]])
-        for n, (i, t, m) in enumerate(items)
+        NewDocument(id=i, text=t, metadata=m, spans=spans, vectors=vectors)
+        for (i, t, m), (spans, vectors) in zip(items, embedded.per_document(), strict=True)
     ]
 
 
