@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 import sqlite3
 import sys
 import threading
@@ -102,6 +103,60 @@ class EmbeddingCache:
             self._db.close()
 
 
+class MemoryCache:
+    """A bounded in-memory LRU map with ``EmbeddingCache``'s interface: the serving path's cache.
+
+    User questions repeat (the same FAQ, a retried request, a UI re-running a search), but an unbounded store
+    of every question ever asked would grow without end; this one evicts the least recently used vectors
+    past ``max_bytes``. Thread-safe.
+    """
+
+    ENTRY_OVERHEAD = 160  # bytes of dict, key and array header per entry, roughly
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, fingerprint: str, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        found: dict[bytes, np.ndarray] = {}
+        with self._lock:
+            for key in keys:
+                vector = self._items.get((fingerprint, key))
+                if vector is not None:
+                    self._items.move_to_end((fingerprint, key))
+                    found[key] = vector
+        return found
+
+    def put_many(self, fingerprint: str, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        with self._lock:
+            for key, vector in items:
+                v = np.array(vector, dtype=np.float32)  # a copy: callers may reuse their buffer
+                old = self._items.pop((fingerprint, key), None)
+                if old is not None:
+                    self.bytes -= old.nbytes + self.ENTRY_OVERHEAD
+                self._items[(fingerprint, key)] = v
+                self.bytes += v.nbytes + self.ENTRY_OVERHEAD
+            while self.bytes > self.max_bytes and self._items:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.nbytes + self.ENTRY_OVERHEAD
+
+    def count(self, fingerprint: str | None = None) -> int:
+        with self._lock:
+            return len(self._items) if fingerprint is None else sum(1 for f, _ in self._items if f == fingerprint)
+
+    def dim_of(self, fingerprint: str) -> int | None:
+        return None  # a remote base's dimension is learned by one probe call at start
+
+    def close(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+
 @dataclass
 class CacheStats:
     """How many inputs came from the cache and how many ran the model."""
@@ -118,7 +173,8 @@ class CachedEncoder(Encoder):
 
     Args:
         inner: The base encoder.
-        cache: The persistent store; ``None`` keeps nothing between calls (still de-duplicates a call).
+        cache: The persistent store (or the service's bounded in-memory one); ``None`` keeps nothing between
+            calls (still de-duplicates a call).
         chunk_size: Inputs embedded (and committed to the cache) per step of a long run.
         progress: Show a progress bar on stderr for runs longer than one chunk.
     """
@@ -126,7 +182,7 @@ class CachedEncoder(Encoder):
     def __init__(
         self,
         inner: Encoder,
-        cache: EmbeddingCache | None,
+        cache: EmbeddingCache | MemoryCache | None,
         *,
         chunk_size: int = 256,
         progress: bool = True,
@@ -136,6 +192,7 @@ class CachedEncoder(Encoder):
         self.chunk_size = chunk_size
         self.progress = progress
         self.stats = CacheStats()
+        self._stats_lock = threading.Lock()
         self.name, self.fingerprint = inner.name, inner.fingerprint
         if getattr(inner, "needs_dim", False) and cache is not None and (known := cache.dim_of(self.fingerprint)):
             inner.set_dim(known)  # a remote base's dimension, without a probe call
@@ -162,8 +219,11 @@ class CachedEncoder(Encoder):
         unique: dict[bytes, str] = dict(zip(keys, texts, strict=True))
         found = self.cache.get_many(self.fingerprint, list(unique)) if self.cache else {}
         missing = [k for k in unique if k not in found]
-        self.stats.cached += len(unique) - len(missing)
-        self.stats.computed += len(missing)
+        with self._stats_lock:
+            self.stats.cached += len(unique) - len(missing)
+            self.stats.computed += len(missing)
+        if not missing:  # the serving path's common case: no progress bar, no model
+            return _stack(found, keys, self.dim)
         bar = tqdm(
             total=len(missing),
             desc=f"embedding ({self.inner.name})",
@@ -179,6 +239,10 @@ class CachedEncoder(Encoder):
                     self.cache.put_many(self.fingerprint, list(zip(chunk, vectors, strict=True)))
                 found.update(zip(chunk, vectors, strict=True))
                 bar.update(len(chunk))
-        if not keys:
-            return np.zeros((0, self.dim), np.float32)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+        return _stack(found, keys, self.dim)
+
+
+def _stack(found: dict[bytes, np.ndarray], keys: Sequence[bytes], dim: int) -> np.ndarray:
+    if not keys:
+        return np.zeros((0, dim), np.float32)
+    return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)

@@ -8,6 +8,7 @@ that names the file and what to do. No pickle is ever loaded: weights are safete
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,7 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from embedlift.models.adapters import ADAPTER_KINDS, APPLY_TO, Adapter, AdapterConfig, build_adapter
+from embedlift.models.encoders import backend_of, model_identity
 from embedlift.models.errors import BaseMismatchError, CheckpointError, InvalidInputError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -201,12 +205,16 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, expected_fingerprint: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, expected_fingerprint: str | None = None, allow_backend_mismatch: bool = False
+) -> Checkpoint:
     """Load a checkpoint strictly.
 
     Args:
         path: The checkpoint directory.
         expected_fingerprint: The fingerprint of the base it will run on; a mismatch is refused.
+        allow_backend_mismatch: Accept the same model on another backend (an adapter trained on float32
+            vectors served on int8 ones), with a warning. Another model is refused regardless.
 
     Raises:
         CheckpointError: Missing, damaged or inconsistent files (the message names the file).
@@ -214,7 +222,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected_fingerprint: str |
     """
     ckpt = Path(path)
     config = read_config(ckpt)
-    if expected_fingerprint is not None and config.base.fingerprint != expected_fingerprint:
+    trained_on = config.base.fingerprint
+    if expected_fingerprint is not None and trained_on != expected_fingerprint and model_identity(trained_on) == model_identity(expected_fingerprint):
+        if not allow_backend_mismatch:
+            raise BaseMismatchError(
+                f"adapter {config.name!r} ({ckpt}) was trained on {config.base.name} run on the {backend_of(trained_on)} "
+                f"backend, but the base in use runs on {backend_of(expected_fingerprint)}: its vectors differ. Pass "
+                f"--allow-backend-mismatch to serve it anyway (embedlift eval --backend {backend_of(expected_fingerprint)} "
+                f"shows what it costs), or re-train it on this backend"
+            )
+        logger.warning(
+            "adapter %r was trained on the %s backend and runs on %s: quality may drop (see embedlift eval --backend)",
+            config.name, backend_of(trained_on), backend_of(expected_fingerprint),
+        )
+    elif expected_fingerprint is not None and trained_on != expected_fingerprint:
         raise BaseMismatchError(
             f"adapter {config.name!r} ({ckpt}) was trained on base {config.base.name} "
             f"(fingerprint {config.base.fingerprint}), not on the base in use (fingerprint {expected_fingerprint}); "

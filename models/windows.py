@@ -120,13 +120,18 @@ def embed_documents(encoder: Encoder, texts: Sequence[str], *, windows: bool = T
     )
 
 
-def embed_pooled(encoder: Encoder, texts: Sequence[str], role: Role) -> tuple[np.ndarray, np.ndarray]:
+def embed_pooled(
+    encoder: Encoder, texts: Sequence[str], role: Role, *, spans: Sequence[Sequence[Span]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Embed texts one vector each: a text longer than the window gets the normalised mean of its windows.
+
+    Args:
+        spans: The texts' windows when the caller already has them (``encoder.split``), to tokenize once.
 
     Returns:
         ``(vectors (n, d) float32 normalised, n_windows (n,) int64)``.
     """
-    spans = encoder.split(texts, role)
+    spans = encoder.split(texts, role) if spans is None else spans
     flat = [text[a:b] for text, text_spans in zip(texts, spans, strict=True) for a, b in text_spans]
     counts = np.array([len(s) for s in spans], dtype=np.int64)
     if not flat:

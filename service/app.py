@@ -14,6 +14,7 @@ import base64
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -600,6 +601,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # A thread per admitted request: each waits on the batcher while the model runs (asyncio's default
+        # pool has cpu + 4 threads, which would cap the requests that can share a batch).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=settings.max_concurrent + 8, thread_name_prefix="embedlift")
+        )
         task = None
         if app.state.get("engine") is None:
 

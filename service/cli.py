@@ -32,6 +32,9 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     g.add_argument("--window-tokens", type=int, help="tokens per window of a long text (default: the model's limit)")
     g.add_argument("--window-stride", type=int, help="tokens between window starts (default: 3/4 of the window)")
+    g.add_argument("--backend", choices=["torch", "int8"], default="torch",
+                   help="torch: float32 (default); int8: dynamic int8 quantization, faster on CPU, vectors differ a little")
+    g.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     g.add_argument("--cache", type=Path, help="base-embedding cache file (default: $EMBEDLIFT_CACHE or ~/.cache/embedlift/)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the base-embedding cache")
     r = p.add_argument_group("remote base (--base openai:<model>)")
@@ -42,8 +45,9 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tokenizer", help="local Hugging Face tokenizer to cut windows with (default: a character budget)")
 
 
-def _encoder(args: argparse.Namespace, recorded: dict[str, Any] | None = None):
-    """The cached base encoder the options name; ``recorded`` (a checkpoint's base details) fills gaps."""
+def _encoder(args: argparse.Namespace, recorded: dict[str, Any] | None = None, *, backend: str | None = None):
+    """The cached base encoder the options name; ``recorded`` (a checkpoint's base details) fills gaps;
+    ``backend`` overrides ``--backend``."""
     from embedlift.models.cache import CachedEncoder, EmbeddingCache, default_cache_path
     from embedlift.models.encoders import load_encoder
 
@@ -67,6 +71,8 @@ def _encoder(args: argparse.Namespace, recorded: dict[str, Any] | None = None):
         dimensions=pick("dimensions", "dimensions"),
         max_input_tokens=pick("remote_max_input_tokens", "max_input_tokens"),
         tokenizer=pick("tokenizer", "tokenizer"),
+        backend=backend or args.backend,
+        threads=args.threads,
     )
     cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
     return CachedEncoder(encoder, cache)
@@ -146,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from embedlift.models.checkpoint import load_checkpoint, read_config
     from embedlift.models.errors import BaseMismatchError
     from embedlift.training.dataset import load_dataset
-    from embedlift.training.evaluate import compare
+    from embedlift.training.evaluate import compare_runs
     from embedlift.training.report import comparison_table, write_report
 
     ks = _ks(args.k)
@@ -160,9 +166,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise BaseMismatchError(f"the adapters were trained on different bases ({listing}); compare adapters of one base, or pass --base")
         recorded = configs[0].base.details
     encoder = _encoder(args, recorded)
-    checkpoints = [load_checkpoint(p, expected_fingerprint=encoder.fingerprint) for p in args.adapter]
-    data = _embed(encoder, ds, "eval", windows=not args.truncate)
-    comparison = compare(data, checkpoints, ks)
+    # Another backend than torch: the float32 run comes first, so each row's delta shows what the backend
+    # costs; adapters trained on float32 are evaluated on the other backend too (that is the question asked).
+    runs = [("", _encoder(args, recorded, backend="torch")), (args.backend, encoder)] if args.backend != "torch" else [("", encoder)]
+    checkpoints = [
+        load_checkpoint(p, expected_fingerprint=encoder.fingerprint, allow_backend_mismatch=args.backend != "torch")
+        for p in args.adapter
+    ]
+    embedded = [(label, _embed(enc, ds, f"eval [{label or 'torch'}]", windows=not args.truncate)) for label, enc in runs]
+    comparison = compare_runs(embedded, checkpoints, ks)
     if args.json:
         sys.stdout.write(json.dumps(comparison.to_json(), indent=2) + "\n")
     else:
@@ -191,7 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info",
-        timeout_graceful_shutdown=30,
+        access_log=settings.access_log, timeout_graceful_shutdown=30,
+        loop="uvloop", http="httptools",  # the C event loop and HTTP parser: a third of the per-request cost
     )
     return 0
 
@@ -369,7 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", help="adapter to activate at start")
     s.add_argument("--api-key", help="Bearer key for read routes")
     s.add_argument("--admin-key", help="Bearer key for mutating routes")
+    s.add_argument("--backend", choices=["torch", "int8"], help="torch: float32 (default); int8: faster on CPU, vectors differ a little")
+    s.add_argument("--allow-backend-mismatch", action="store_true", default=None,
+                   help="serve adapters trained on another backend of the same model (a warning each)")
+    s.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     s.add_argument("--max-concurrent", type=int, help="requests doing model work at once; more get 429 (default 64)")
+    s.add_argument("--max-batch-inputs", type=int, help="inputs per model call, from all waiting requests (default 64)")
+    s.add_argument("--max-queued-inputs", type=int, help="inputs waiting for the model; more get 429 (default 2048)")
+    s.add_argument("--cache-mb", type=int, help="in-memory cache of base vectors for requests, MB; 0 = off (default 256)")
+    s.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default: it costs throughput)")
     s.add_argument("--watch-interval", type=float,
                    help="seconds between scans of the adapters directory for new checkpoints; 0 = off (default 2)")
     s.set_defaults(func=cmd_serve)

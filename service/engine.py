@@ -18,11 +18,12 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from embedlift.models.cache import CachedEncoder, EmbeddingCache
+from embedlift.models.cache import CachedEncoder, EmbeddingCache, MemoryCache
 from embedlift.models.encoders import Encoder, Role, load_encoder
 from embedlift.models.errors import InvalidInputError, NotFoundError, OverloadedError
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service import metrics
+from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
 from embedlift.service.collections import Collection, CollectionManager, Filter, Hit, Metadata, NewDocument
 from embedlift.service.jobs import Job, JobRunner
 from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter
@@ -91,42 +92,59 @@ class Admission:
 class Engine:
     """Owns the base encoder, the adapters and the collections; thread-safe.
 
+    Every model call goes through one ``BatchQueue`` (dynamic batching). Requests read and fill a bounded
+    in-memory cache of base vectors (a hit skips the queue and the model); background work (upserts,
+    evaluations) reads and fills the persistent cache, and yields the model to requests.
+
     Args:
-        encoder: The base, wrapped by the base-embedding cache.
+        base: The base encoder.
         registry: The adapter registry (already loaded).
         collections: The collections (already loaded), or ``None`` for an engine without any.
-        settings: Limits and thresholds.
+        settings: Limits, batching and cache sizes.
+        bulk_cache: The persistent base-embedding cache for background work (``None``: none).
     """
 
     def __init__(
         self,
-        encoder: CachedEncoder,
+        base: Encoder,
         registry: AdapterRegistry,
         collections: CollectionManager | None = None,
         settings: Settings | None = None,
+        *,
+        bulk_cache: EmbeddingCache | None = None,
     ) -> None:
-        self.encoder = encoder
+        self.settings = s = settings or Settings()
         self.registry = registry
-        self.settings = settings or Settings()
-        self.collections = collections or CollectionManager(self.settings.data_dir / "collections", encoder.fingerprint, encoder.dim)
+        self.batcher = BatchQueue(base, max_batch_inputs=s.max_batch_inputs, max_queued_inputs=s.max_queued_inputs)
+        # The bulk encoder first: with a remote base it learns the dimension from the persistent cache.
+        self.bulk_encoder = CachedEncoder(BatchedEncoder(self.batcher, BULK), bulk_cache, progress=False)
+        memory = MemoryCache(s.cache_mb << 20) if s.cache_mb > 0 else None
+        self.encoder = CachedEncoder(BatchedEncoder(self.batcher, INTERACTIVE), memory, progress=False)
+        self.collections = collections or CollectionManager(s.data_dir / "collections", base.fingerprint, base.dim)
         self.jobs = JobRunner()
-        self.admission = Admission(self.settings.max_concurrent)
+        self.admission = Admission(s.max_concurrent)
         registry.on_change = self._prepare_views
         metrics.track_engine(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, watch: bool = True) -> Engine:
-        """Load the base, open the cache, registry and collections under ``data_dir``."""
+        """Load the base, open the caches, registry and collections under ``data_dir``."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         base = load_encoder(
             settings.base, batch_size=settings.batch_size, base_url=settings.base_url,
             api_key=settings.openai_api_key, dimensions=settings.dimensions, progress=False,
+            backend=settings.backend, threads=settings.threads,
         )
-        encoder = CachedEncoder(base, EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3"), progress=False)
+        bulk_cache = EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
+        if getattr(base, "needs_dim", False) and (known := bulk_cache.dim_of(base.fingerprint)):
+            base.set_dim(known)  # type: ignore[attr-defined]  # a remote base's dimension without a probe call
         collections = CollectionManager(settings.data_dir / "collections", base.fingerprint, base.dim)
         collections.load_all()
-        registry = AdapterRegistry(settings.adapters_dir, settings.data_dir / "registry.json", base.fingerprint)
-        engine = cls(encoder, registry, collections, settings)
+        registry = AdapterRegistry(
+            settings.adapters_dir, settings.data_dir / "registry.json", base.fingerprint,
+            allow_backend_mismatch=settings.allow_backend_mismatch,
+        )
+        engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache)
         registry.load(settings.adapter)
         if watch and settings.watch_interval > 0:
             registry.watch(settings.watch_interval)
@@ -135,11 +153,14 @@ class Engine:
     def close(self) -> None:
         self.registry.stop()
         self.jobs.shutdown()
+        self.batcher.close()
         self.collections.close()
+        if isinstance(self.bulk_encoder.cache, EmbeddingCache):
+            self.bulk_encoder.cache.close()
 
     @property
     def base(self) -> Encoder:
-        return self.encoder.inner
+        return self.batcher.encoder
 
     @property
     def active(self) -> LoadedAdapter | None:
@@ -183,7 +204,7 @@ class Engine:
             vectors = self.encoder.encode([t[s[0][0] : s[0][1]] for t, s in zip(texts, spans, strict=True)], role)
             windows = [1] * len(texts)
         else:
-            vectors, counts = embed_pooled(self.encoder, texts, role)
+            vectors, counts = embed_pooled(self.encoder, texts, role, spans=spans)
             windows = counts.tolist()
         if return_windows:
             flat = [t[a:b] for t, s in zip(texts, spans, strict=True) for a, b in s]
@@ -223,7 +244,7 @@ class Engine:
         step = self.settings.upsert_batch
         for start in range(0, len(documents), step):
             part = documents[start : start + step]
-            embedded = embed_documents(self.encoder, [d[1] for d in part])
+            embedded = embed_documents(self.bulk_encoder, [d[1] for d in part])
             collection.upsert(
                 [
                     NewDocument(id=doc_id, text=text, metadata=meta, spans=spans, vectors=vectors)
@@ -259,7 +280,7 @@ class Engine:
 
     def evaluate_dataset(self, ds: QADataset, adapters: Sequence[LoadedAdapter], ks: Sequence[int]) -> Comparison:
         """Exactly what ``embedlift eval`` computes, on the engine's base and cache."""
-        return self._compare(embed_dataset(self.encoder, ds), adapters, ks)
+        return self._compare(embed_dataset(self.bulk_encoder, ds), adapters, ks)
 
     def evaluate_collection(
         self, name: str, queries: dict[str, str], relevant: dict[str, list[str]], adapters: Sequence[LoadedAdapter], ks: Sequence[int]
@@ -275,7 +296,7 @@ class Engine:
         if unknown:
             raise NotFoundError(f"relevant ids not in collection {name!r}: {unknown[:5]}" + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
         query_ids = list(queries)
-        qv, qw = embed_pooled(self.encoder, [queries[q] for q in query_ids], "query")
+        qv, qw = embed_pooled(self.bulk_encoder, [queries[q] for q in query_ids], "query")
         data = EmbeddedDataset(
             query_ids=query_ids, doc_ids=doc_ids, queries=qv, docs=windowed,
             relevant=[{col[d] for d in relevant[q]} for q in query_ids], query_windows=qw,

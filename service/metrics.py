@@ -23,11 +23,17 @@ EMBED_INPUTS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 
+BATCH_INPUTS = Histogram(
+    "embedlift_batch_inputs",
+    "Inputs per model call after dynamic batching (requests coalesced into one forward pass)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 _engine: weakref.ReferenceType[Engine] | None = None
 
 
 class EngineCollector(Collector):
-    """Cache hits and misses, the active adapter's version, documents per collection."""
+    """Cache hits and misses (request path), queued inputs, the active adapter's version, documents per collection."""
 
     def collect(self) -> Iterator:
         engine = _engine() if _engine is not None else None
@@ -40,6 +46,7 @@ class EngineCollector(Collector):
         yield lookups
         total = stats.cached + stats.computed
         yield GaugeMetricFamily("embedlift_cache_hit_ratio", "Share of model inputs served from the cache", value=stats.cached / total if total else 0.0)
+        yield GaugeMetricFamily("embedlift_queued_inputs", "Inputs waiting for the model", value=engine.batcher.queued)
         active = engine.active
         adapter = GaugeMetricFamily("embedlift_active_adapter_version", "Version of the active adapter (0 = base)", labels=["adapter"])
         adapter.add_metric([active.name if active else "base"], active.version if active else 0)

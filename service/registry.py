@@ -76,6 +76,7 @@ class AdapterRegistry:
         fingerprint: The base's fingerprint; checkpoints for another base are refused.
         on_change: Called (outside the lock) after an adapter is registered, so derived state (collection
             views of ``apply_to: both`` adapters) can be built before the adapter is activated.
+        allow_backend_mismatch: Accept adapters trained on another backend of the same model (a warning each).
     """
 
     def __init__(
@@ -84,8 +85,11 @@ class AdapterRegistry:
         state_path: Path,
         fingerprint: str,
         on_change: Callable[[LoadedAdapter], None] | None = None,
+        *,
+        allow_backend_mismatch: bool = False,
     ) -> None:
         self.adapters_dir = adapters_dir
+        self.allow_backend_mismatch = allow_backend_mismatch
         self.state_path = state_path
         self.fingerprint = fingerprint
         self.on_change = on_change
@@ -189,10 +193,13 @@ class AdapterRegistry:
             return self._active if name is None else self._get(name)
 
     # ---------------------------------------------------------------------------------------- changes
+    def _load(self, path: Path) -> Checkpoint:
+        return load_checkpoint(path, expected_fingerprint=self.fingerprint, allow_backend_mismatch=self.allow_backend_mismatch)
+
     def _register(self, name: str, *, bump: bool = True) -> LoadedAdapter:
         """Load ``adapters_dir/name`` strictly (off the lock), then swap it in."""
         path = self.adapters_dir / name
-        checkpoint = load_checkpoint(path, expected_fingerprint=self.fingerprint)
+        checkpoint = self._load(path)
         sig = signature(path)
         with self._lock:
             version = self._state.versions.get(name, 0) + (1 if bump else 0)
@@ -243,7 +250,7 @@ class AdapterRegistry:
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise InvalidInputError(f"the upload is not a safe, readable tar archive ({exc}); send `tar -c -C DIR .`") from exc
             root = _checkpoint_root(tmp / "x")
-            checkpoint = load_checkpoint(root, expected_fingerprint=self.fingerprint)  # validate before touching anything
+            checkpoint = self._load(root)  # validate before touching anything
             target = check_name(name or checkpoint.config.name, "adapter")
             with self._lock:
                 replace_dir(root, self.adapters_dir / target)

@@ -20,6 +20,9 @@ class Settings:
         base_url: With ``base = "openai:<model>"``: the OpenAI-protocol API root (else ``$OPENAI_BASE_URL``).
         openai_api_key: The remote's key (else ``$OPENAI_API_KEY``).
         dimensions: With a remote base: ask for shorter vectors.
+        backend: How a local base runs: ``torch`` (float32) or ``int8`` (faster on CPU, vectors differ a little).
+        allow_backend_mismatch: Serve adapters trained on another backend of the same model (with a warning).
+        threads: torch threads for the base (default: the cores this process may run on).
         host: Interface to bind.
         port: Port to bind.
         data_dir: Where the service keeps its state (base-embedding cache, collections, registry).
@@ -30,7 +33,11 @@ class Settings:
         max_inputs: Inputs per request.
         max_input_chars: Characters per input.
         max_body_bytes: Request body size.
-        batch_size: Texts per forward pass of the base.
+        batch_size: Texts per forward pass of the base (sentence-transformers' mini-batch).
+        max_batch_inputs: Inputs the dynamic batcher hands the model per call, from all waiting requests.
+        max_queued_inputs: Inputs waiting for the model at most; a request beyond it gets 429 with Retry-After.
+        cache_mb: Size of the in-memory cache of base vectors on the request path (0 = off). Background
+            work (upserts, evaluations) uses the persistent cache under ``data_dir`` instead.
         max_k: Largest ``k`` a search may ask for.
         max_documents: Documents per upsert request.
         max_concurrent: Requests doing model work at once; one more gets 429 with Retry-After.
@@ -39,12 +46,16 @@ class Settings:
         upsert_batch: Documents embedded and committed per step of an upsert.
         watch_interval: Seconds between scans of the adapters directory for new checkpoints (0 = off).
         metrics_public: ``False`` puts ``/metrics`` behind the read key.
+        access_log: Log every request (off: Prometheus counts them, and a log line each costs throughput).
     """
 
     base: str | None = None
     base_url: str | None = None
     openai_api_key: str | None = None
     dimensions: int | None = None
+    backend: str = "torch"
+    allow_backend_mismatch: bool = False
+    threads: int | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path("data")
@@ -56,6 +67,9 @@ class Settings:
     max_input_chars: int = 65_536
     max_body_bytes: int = 16 * 1024 * 1024
     batch_size: int = 32
+    max_batch_inputs: int = 64
+    max_queued_inputs: int = 2048
+    cache_mb: int = 256
     max_k: int = 1000
     max_documents: int = 10_000
     max_concurrent: int = 64
@@ -64,6 +78,7 @@ class Settings:
     upsert_batch: int = 256
     watch_interval: float = 2.0
     metrics_public: bool = True
+    access_log: bool = False
 
     @classmethod
     def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -78,7 +93,7 @@ class Settings:
             if raw is None:
                 continue
             default = f.default
-            if f.name == "dimensions":
+            if f.name in ("dimensions", "threads"):
                 values[f.name] = int(raw)
                 continue
             if isinstance(default, bool):

@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from embedlift.models.cache import CachedEncoder, EmbeddingCache
+from embedlift.models.cache import EmbeddingCache
 from embedlift.models.checkpoint import load_checkpoint
 from embedlift.models.errors import NotFoundError, OverloadedError
 from embedlift.models.windows import embed_documents
@@ -61,11 +61,10 @@ def adapters_dir(minilm, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine(minilm, adapters_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    encoder = CachedEncoder(minilm, EmbeddingCache(root / "c.sqlite3"), progress=False)
     registry = AdapterRegistry(adapters_dir, root / "registry.json", minilm.fingerprint)
     collections = CollectionManager(root / "collections", minilm.fingerprint, minilm.dim)
     collections.load_all()
-    engine = Engine(encoder, registry, collections, Settings(data_dir=root))
+    engine = Engine(minilm, registry, collections, Settings(data_dir=root), bulk_cache=EmbeddingCache(root / "c.sqlite3"))
     registry.load("q-linear")
     return engine
 

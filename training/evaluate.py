@@ -98,12 +98,32 @@ def compare(
         ks: Cut-offs.
         seed: Seed of the bootstrap.
     """
+    return compare_runs([("", data)], checkpoints, ks, seed=seed)
+
+
+def compare_runs(
+    runs: Sequence[tuple[str, EmbeddedDataset]],
+    checkpoints: Sequence[Checkpoint] = (),
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    seed: int = 0,
+) -> Comparison:
+    """The base and each adapter on the same dataset embedded more than one way (e.g. by the float32 and the
+    int8 backend of one model), in one comparison: rows of a run labelled ``x`` are named ``base [x]``,
+    ``name [x]``; every delta is against the first run's base, so the table shows what the other runs cost.
+    """
     ks = tuple(sorted(set(ks)))
     if not ks or ks[0] < 1:
         raise InvalidInputError(f"k values must be positive integers, got {list(ks)}")
     _check_names(checkpoints)
-    results = [_result(BASE, data.scores(None), data, ks)]
-    results += [_result(c.name, data.scores(c.adapter), data, ks) for c in checkpoints]
+    data = runs[0][1]
+    if any(other.query_ids != data.query_ids or other.doc_ids != data.doc_ids for _, other in runs[1:]):
+        raise InvalidInputError("compared runs must embed the same queries and documents")
+    results: list[ModelResult] = []
+    for label, run in runs:
+        suffix = f" [{label}]" if label else ""
+        results.append(_result(BASE + suffix, run.scores(None), run, ks))
+        results += [_result(c.name + suffix, run.scores(c.adapter), run, ks) for c in checkpoints]
     base = results[0]
     deltas = {
         r.name: {
