@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.embedlift-installed
 
-.PHONY: setup serve test bench-quality clean
+.PHONY: setup serve test bench-quality bench-serving clean
 
 setup: $(STAMP)
 
@@ -31,5 +31,21 @@ bench-quality:
 	.venv-bench/bin/pip install -q -e '.[bench]'
 	.venv-bench/bin/python benchmarks/quality.py
 
+# The serving benchmark: embedlift vs in-process sentence-transformers vs infinity, under wrk.
+# infinity pins an old sentence-transformers and numpy<2: it gets a venv of its own, never a project extra.
+INFINITY_VENV ?= .venv-infinity
+INFINITY_STAMP := $(INFINITY_VENV)/.installed
+$(INFINITY_STAMP):
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install -q --upgrade pip
+	$(INFINITY_VENV)/bin/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(INFINITY_VENV)/constraints.txt
+	$(INFINITY_VENV)/bin/pip install -q -c $(INFINITY_VENV)/constraints.txt "infinity-emb[server,torch]==0.0.78"
+	touch $(INFINITY_STAMP)
+
+bench-serving: setup $(INFINITY_STAMP)
+	command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
+	INFINITY=$(INFINITY_VENV)/bin/infinity_emb $(BIN)/python benchmarks/serving.py
+
 clean:
-	rm -rf $(VENV) .venv-bench build *.egg-info
+	rm -rf $(VENV) .venv-bench $(INFINITY_VENV) build *.egg-info

@@ -403,7 +403,7 @@ def collection_info(engine: Engine, name: str) -> CollectionInfo:
     c = collection.config
     return CollectionInfo(
         name=name, status="ready", index=c.index, base_fingerprint=c.base_fingerprint, dim=c.dim, created=c.created,
-        documents=docs, windows=windows,
+        documents=docs, windows=windows, searching_with=collection.kind,
     )
 
 

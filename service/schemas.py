@@ -114,10 +114,10 @@ class ActiveAdapter(msgspec.Struct, kw_only=True):
 
 # ---------------------------------------------------------------------------------------- collections
 class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``PUT /collections/{name}``. ``flat``: exact inner-product search; ``hnsw``: approximate, for large
-    collections."""
+    """``PUT /collections/{name}``. ``auto`` (default): exact search while small, HNSW once past 20,000
+    windows (converted in the background); ``flat``: always exact; ``hnsw``: always approximate."""
 
-    index: Literal["flat", "hnsw"] = "flat"
+    index: Literal["auto", "flat", "hnsw"] = "auto"
     hnsw_m: Annotated[int, Meta(ge=4, le=128)] = 32
     ef_construction: Annotated[int, Meta(ge=8, le=4096)] = 200
     ef_search: Annotated[int, Meta(ge=1, le=4096)] = 128
@@ -132,6 +132,7 @@ class CollectionInfo(msgspec.Struct, kw_only=True):
     created: str
     documents: int | None = None
     windows: int | None = None
+    searching_with: Literal["flat", "hnsw"] | None = None  # with ``index: auto``, which one serves now
 
 
 class CollectionList(msgspec.Struct, kw_only=True):

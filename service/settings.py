@@ -72,7 +72,7 @@ class Settings:
     cache_mb: int = 256
     max_k: int = 1000
     max_documents: int = 10_000
-    max_concurrent: int = 64
+    max_concurrent: int = 256
     sync_upsert_documents: int = 256
     sync_eval_texts: int = 4096
     upsert_batch: int = 256

@@ -59,13 +59,13 @@ def test_search_matches_brute_force_one_hit_per_document(encoder, tmp_path, inde
     items = corpus() + [("long", LONG, {"topic": "long"})]
     c.upsert(documents(encoder, items))
     q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
-    hits = c.search(q, 5, c.ensure_view("base", None))[0]
+    hits = c.search(q, 5)[0]
     expected, scores = brute_force(encoder, items, "autonomous vehicles", 5)
     assert [h.id for h in hits] == expected
     for h in hits:
         assert h.score == pytest.approx(scores[h.id], abs=1e-5)
     assert len({h.id for h in hits}) == len(hits)
-    long_hit = next(h for h in c.search(q, 50, c.ensure_view("base", None))[0] if h.id == "long")
+    long_hit = next(h for h in c.search(q, 50)[0] if h.id == "long")
     a, b = long_hit.span
     assert 0 <= a < b <= len(LONG) and long_hit.text == LONG  # the best window's span, whole text returned
 
@@ -75,22 +75,21 @@ def test_filter_upsert_replace_delete(encoder, tmp_path):
     manager.load_all()
     c, _ = manager.create("docs")
     c.upsert(documents(encoder, corpus()))
-    view = c.ensure_view("base", None)
     q, _ = embed_pooled(encoder, ["revenue growth"], "query")
-    hits = c.search(q, 10, view, {"topic": "insurance costs", "even": True})[0]
+    hits = c.search(q, 10, where={"topic": "insurance costs", "even": True})[0]
     assert hits and all(h.metadata["topic"] == "insurance costs" and h.metadata["even"] is True for h in hits)
-    assert c.search(q, 3, view, {"n": 7})[0][0].id == "doc-7"
-    assert c.search(q, 3, view, {"topic": "nothing"})[0] == []
+    assert c.search(q, 3, where={"n": 7})[0][0].id == "doc-7"
+    assert c.search(q, 3, where={"topic": "nothing"})[0] == []
     # re-upserting an id replaces it (text, metadata and vectors)
     c.upsert(documents(encoder, [("doc-7", "Quarterly revenue growth accelerated strongly.", {"topic": "new"})]))
     assert c.store.get("doc-7").metadata == {"topic": "new"}
-    assert c.search(q, 1, view)[0][0].id == "doc-7"
+    assert c.search(q, 1)[0][0].id == "doc-7"
     assert c.counts() == (40, 40)
     assert c.delete(["doc-7", "missing"]) == ["missing"]
-    assert "doc-7" not in [h.id for h in c.search(q, 40, view)[0]]
+    assert "doc-7" not in [h.id for h in c.search(q, 40)[0]]
     assert c.counts() == (39, 39)
     with pytest.raises(InvalidInputError, match="filter key"):
-        c.search(q, 3, view, {'bad"key': 1})
+        c.search(q, 3, where={'bad"key': 1})
 
 
 def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
@@ -101,14 +100,13 @@ def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
     manager.load_all()
     c, _ = manager.create("h", "hnsw")
     c.upsert(documents(encoder, corpus(20)))
-    view = c.ensure_view("base", None)
     q, _ = embed_pooled(encoder, ["ride sharing drivers"], "query")
-    gone = [h.id for h in c.search(q, 8, view)[0]]
+    gone = [h.id for h in c.search(q, 8)[0]]
     c.delete(gone)
     deadline = time.time() + 30
     while c._rebuilding and time.time() < deadline:
         time.sleep(0.05)
-    hits = c.search(q, 20, c.ensure_view("base", None))[0]
+    hits = c.search(q, 20)[0]
     assert not set(gone) & {h.id for h in hits} and len(hits) == 12
     assert c.ensure_view("base", None).index.ntotal == 12  # the graph was rebuilt without the deleted ids
 
@@ -120,12 +118,12 @@ def test_restart_serves_the_same_documents(encoder, tmp_path):
     c.upsert(documents(encoder, corpus()))
     c.delete(["doc-3"])
     q, _ = embed_pooled(encoder, ["bike rentals"], "query")
-    before = [(h.id, h.score) for h in c.search(q, 10, c.ensure_view("base", None))[0]]
+    before = [(h.id, h.score) for h in c.search(q, 10)[0]]
     manager.close()
     again = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
     again.load_all()
     c2 = again.get("docs")
-    after = [(h.id, h.score) for h in c2.search(q, 10, c2.ensure_view("base", None))[0]]
+    after = [(h.id, h.score) for h in c2.search(q, 10)[0]]
     assert after == before and c2.counts() == (39, 39)
 
 
@@ -171,7 +169,7 @@ def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
     c = fixed.get("docs")
     q, _ = embed_pooled(encoder, ["insurance costs"], "query")
     expected, _ = brute_force(encoder, corpus(10), "insurance costs", 3)
-    assert [h.id for h in c.search(q, 3, c.ensure_view("base", None))[0]] == expected
+    assert [h.id for h in c.search(q, 3)[0]] == expected
 
 
 CRASHER = textwrap.dedent(
@@ -216,3 +214,33 @@ def test_a_crash_mid_write_keeps_every_acknowledged_write(tmp_path):
     for batch in range(acked + 1):
         assert c.store.get(f"b{batch}-49") is not None
     assert c.ensure_view("base", None).index.ntotal == windows
+
+
+def test_auto_index_turns_to_hnsw_past_the_threshold_and_keeps_every_write(encoder, tmp_path, monkeypatch):
+    """``auto`` searches exactly while small; past AUTO_HNSW_WINDOWS it builds HNSW in the background, replays
+    the writes made meanwhile, and a restart opens it as HNSW. Results stay those of brute force."""
+    from embedlift.service import collections as collections_module
+
+    monkeypatch.setattr(collections_module, "AUTO_HNSW_WINDOWS", 30)
+    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    c, _ = manager.create("grow")
+    assert c.config.index == "auto" and c.kind == "flat"
+    items = corpus(40)
+    c.upsert(documents(encoder, items[:20]))
+    assert c.kind == "flat"
+    c.upsert(documents(encoder, items[20:]))  # 40 windows >= 30: conversion starts in the background
+    c.delete(["doc-3"])  # a write during the conversion
+    deadline = time.time() + 30
+    while c.kind != "hnsw" and time.time() < deadline:
+        time.sleep(0.05)
+    assert c.kind == "hnsw"
+    expected, _ = brute_force(encoder, [i for i in items if i[0] != "doc-3"], "autonomous vehicles", 5)
+    q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
+    assert [h.id for h in c.search(q, 5)[0]] == expected
+    manager.close()
+    reopened = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
+    reopened.load_all()
+    c2 = reopened.get("grow")
+    assert c2.kind == "hnsw"
+    assert [h.id for h in c2.search(q, 5)[0]] == expected

@@ -1,0 +1,422 @@
+"""Serving performance, measured side by side in one run: `make bench-serving`.
+
+What it measures (the packaged all-MiniLM-L6-v2 on this machine's CPU; queries are the Lyft questions cut to
+their first 12 words, passages the Lyft chunks):
+
+1. The ceiling: in-process ``SentenceTransformer.encode`` at each batch size (the best one is the reference),
+   and a single query's encode latency.
+2. ``embedlift serve`` over HTTP under ``wrk`` (C, one thread, keep-alive connections = concurrent clients):
+   one query per request at 1, 8, 32 and 64 clients, 64 queries per request, and passages. The server runs
+   with its request cache off, so every input runs the model.
+3. The same loads against infinity (``infinity_emb v2``, the same local model, CPU, torch engine), started
+   from its own virtual environment (``INFINITY``: its ``infinity_emb`` script).
+4. In the engine, without HTTP: adapter overhead (base, linear, mlp), cache hit vs miss, hot-swap time.
+5. FAISS search time per query (query encoding excluded) at 10k, 100k and 1M vectors, exact and HNSW, with
+   HNSW's recall@10 against exact.
+
+Ratios are against references measured in the same run, so a slower or busier machine moves every row
+together. The load generator shares the two cores with the server, as the targets assume.
+
+Usage: ``python benchmarks/serving.py [--duration S] [--infinity PATH] [--sizes 10000,100000,1000000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "lyft_2021_10k" / "train_dataset.json"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_texts() -> tuple[list[str], list[str]]:
+    ds = json.loads(DATA.read_text())
+    queries = [" ".join(q.split()[:12]) for q in ds["queries"].values()]
+    passages = list(ds["corpus"].values())
+    return queries, passages
+
+
+def percentile(values: list[float], p: float) -> float:
+    return float(np.percentile(np.asarray(values), p)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------ 1. the ceiling
+def ceiling(queries: list[str], passages: list[str]) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from embedlift.models.encoders import available_cores, default_model_path
+
+    import torch
+
+    torch.set_num_threads(available_cores())
+    model = SentenceTransformer(str(default_model_path()), device="cpu")
+    model.encode(queries[:64], batch_size=32)
+    rates = {}
+    for bs in (1, 8, 16, 32, 64, 128):
+        texts = queries[: 128 if bs == 1 else 512]
+        t = time.perf_counter()
+        model.encode(texts, batch_size=bs, normalize_embeddings=True)
+        rates[bs] = len(texts) / (time.perf_counter() - t)
+    single = []
+    for q in queries[:200]:
+        t = time.perf_counter()
+        model.encode([q], normalize_embeddings=True)
+        single.append((time.perf_counter() - t) * 1000)
+    passage_rates = {}
+    for bs in (8, 16, 32):
+        t = time.perf_counter()
+        model.encode(passages[:96], batch_size=bs, normalize_embeddings=True)
+        passage_rates[bs] = 96 / (time.perf_counter() - t)
+    del model
+    return {
+        "query_rates": rates, "best_bs": max(rates, key=rates.get), "best": max(rates.values()),
+        "single_p50": percentile(single, 50), "single_p99": percentile(single, 99),
+        "passage_rates": passage_rates, "passage_best": max(passage_rates.values()),
+    }
+
+
+# ------------------------------------------------------------------------------------ 2-3. HTTP load
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def lua_script(bodies: list[dict], path: str, directory: Path, name: str) -> Path:
+    """A wrk script that cycles through ``bodies`` and prints one RESULT line (latencies in ms)."""
+    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"', "local bodies = {"]
+    lines += ["  " + json.dumps(json.dumps(b)) + "," for b in bodies]
+    lines += [
+        "}", "local i = 0",
+        "request = function()", "  i = i % #bodies + 1", f'  return wrk.format(nil, "{path}", nil, bodies[i])', "end",
+        "done = function(summary, latency, requests)",
+        '  local e = summary.errors',
+        '  io.write(string.format("RESULT %d %d %.3f %.3f %.3f %d\\n", summary.requests, summary.duration,'
+        " latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.mean / 1000,"
+        " e.status + e.connect + e.read + e.write + e.timeout))",
+        "end",
+    ]
+    out = directory / f"{name}.lua"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def wrk(url: str, script: Path, clients: int, duration: float) -> dict:
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{duration:.0f}s", "--timeout", "30s", "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    requests, micros, p50, p99, mean, errors = line.split()[1:]
+    seconds = int(micros) / 1e6
+    return {"rps": int(requests) / seconds, "p50": float(p50), "p99": float(p99), "mean": float(mean), "errors": int(errors)}
+
+
+LOADS = [  # (label, clients, inputs per request, kind)
+    ("1 query/request", 1, 1, "query"),
+    ("1 query/request", 8, 1, "query"),
+    ("1 query/request", 32, 1, "query"),
+    ("1 query/request", 64, 1, "query"),
+    ("64 queries/request", 4, 64, "query"),
+    ("4 passages/request", 4, 4, "passage"),
+]
+
+
+def drain(url: str, path: str, body: dict) -> None:
+    """Wait until the requests a finished wrk run left in the server are done: one more request queues
+    behind them, so its answer means the server is idle again."""
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+
+
+def run_loads(name: str, url: str, path: str, body, queries: list[str], passages: list[str], tmp: Path, duration: float) -> list[dict]:
+    rows = []
+    for label, clients, per_request, kind in LOADS:
+        texts = queries if kind == "query" else passages
+        groups = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1, per_request)][:200]
+        script = lua_script([body(g, kind) for g in groups], path, tmp, f"{name}-{kind}-{per_request}")
+        wrk(url, script, clients, 2)  # warm-up
+        drain(url, path, body(queries[:1], "query"))
+        r = wrk(url, script, clients, duration if kind == "query" else duration * 2)
+        drain(url, path, body(queries[:1], "query"))
+        r.update(server=name, load=label, clients=clients, inputs_per_s=r["rps"] * per_request, kind=kind)
+        rows.append(r)
+        print(f"  {name:10s} {label:20s} c={clients:<3d} {r['inputs_per_s']:8.1f} inputs/s  p50 {r['p50']:7.1f} ms"
+              f"  p99 {r['p99']:7.1f} ms  errors {r['errors']}", flush=True)
+    return rows
+
+
+def embedlift_server(tmp: Path) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "embedlift.service.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data"),
+           "--adapters-dir", str(tmp / "adapters"), "--cache-mb", "0", "--watch-interval", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "embedlift.log", "w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    ready = wait_ready(f"http://127.0.0.1:{port}/ready", proc)
+    return proc, f"http://127.0.0.1:{port}", ready
+
+
+def infinity_server(script: str, tmp: Path) -> tuple[subprocess.Popen, str, float]:
+    from embedlift.models.encoders import default_model_path
+
+    port = free_port()
+    cmd = [script, "v2", "--model-id", str(default_model_path()), "--served-model-name", "minilm", "--port", str(port),
+           "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", "32", "--log-level", "warning",
+           "--no-bettertransformer"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "infinity.log", "w"), env=env)
+    ready = wait_ready(f"http://127.0.0.1:{port}/health", proc)
+    return proc, f"http://127.0.0.1:{port}", ready
+
+
+# ------------------------------------------------------------------------------------ 4. engine parts
+def engine_parts(queries: list[str], tmp: Path) -> dict:
+    from embedlift.models.checkpoint import BaseInfo, save_checkpoint
+    from embedlift.models.adapters import AdapterConfig, build_adapter
+    from embedlift.service.engine import Engine
+    from embedlift.service.settings import Settings
+
+    adapters = tmp / "engine-adapters"
+    engine = Engine.from_settings(Settings(data_dir=tmp / "engine-data", adapters_dir=adapters, cache_mb=0), watch=False)
+    base = engine.base
+    info = BaseInfo(name=base.name, fingerprint=base.fingerprint, dim=base.dim, details=base.describe())
+    for kind in ("linear", "mlp"):
+        adapter = build_adapter(AdapterConfig(kind=kind, dim=base.dim))
+        save_checkpoint(adapter, adapters / kind, base=info, name=kind)
+        engine.registry.register_name(kind)
+    batch = queries[:64]
+    engine.embed(batch, "query", "base")
+    timings: dict[str, list[float]] = {"base": [], "linear": [], "mlp": []}
+    for _ in range(8):  # interleaved, so drift in machine speed hits every row alike
+        for name in timings:
+            t = time.perf_counter()
+            engine.embed(batch, "query", name)
+            timings[name].append(time.perf_counter() - t)
+    per_call = {k: statistics.median(v) for k, v in timings.items()}
+    # The adapter's own cost, isolated from the machine's noise: its transform of the same 64 base vectors.
+    base_vectors = engine.embed(batch, "query", "base").vectors
+    transform_ms = {}
+    for name in ("linear", "mlp"):
+        adapter = engine.resolve(name).checkpoint.adapter
+        t = time.perf_counter()
+        for _ in range(200):
+            adapter.transform_query(base_vectors)
+        transform_ms[name] = (time.perf_counter() - t) / 200 * 1000
+
+    swaps = []
+    for i in range(50):
+        t = time.perf_counter()
+        engine.registry.activate("linear" if i % 2 else "mlp")
+        swaps.append((time.perf_counter() - t) * 1000)
+    t = time.perf_counter()
+    engine.registry.register_name("linear")  # load from disk, validate, swap
+    register_ms = (time.perf_counter() - t) * 1000
+    engine.close()
+
+    cached = Engine.from_settings(Settings(data_dir=tmp / "engine-data2", adapters_dir=adapters, cache_mb=64), watch=False)
+    misses, hits = [], []
+    for q in queries[:100]:
+        t = time.perf_counter()
+        cached.embed([q], "query", "base")
+        misses.append(time.perf_counter() - t)
+    for q in queries[:100]:
+        t = time.perf_counter()
+        cached.embed([q], "query", "base")
+        hits.append(time.perf_counter() - t)
+    cached.close()
+    return {
+        "per_call_ms": {k: v * 1000 for k, v in per_call.items()},
+        "overhead": {k: per_call[k] / per_call["base"] - 1 for k in ("linear", "mlp")},
+        "transform_ms": transform_ms,
+        "miss_ms": statistics.median(misses) * 1000, "hit_ms": statistics.median(hits) * 1000,
+        "swap_ms_p50": percentile(swaps, 50), "swap_ms_p99": percentile(swaps, 99), "register_ms": register_ms,
+    }
+
+
+# ------------------------------------------------------------------------------------------ 5. FAISS
+def synthetic_vectors(n: int, anchors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Vectors shaped like real embeddings: mixtures of two real passage vectors plus noise, normalised.
+    (Uniform random vectors have no neighbourhood structure and make every index look bad.)"""
+    out = np.empty((n, anchors.shape[1]), np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        a = anchors[rng.integers(0, len(anchors), m)]
+        b = anchors[rng.integers(0, len(anchors), m)]
+        w = rng.uniform(0.5, 1.0, (m, 1)).astype(np.float32)
+        v = w * a + (1 - w) * b + rng.normal(0, 0.35 / np.sqrt(anchors.shape[1]), (m, anchors.shape[1])).astype(np.float32)
+        out[start : start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def faiss_search(sizes: list[int], queries: list[str], passages: list[str]) -> list[dict]:
+    import faiss
+
+    from embedlift.models.encoders import LocalEncoder
+    from embedlift.service.collections import CollectionConfig, View
+
+    encoder = LocalEncoder()
+    anchors = encoder.encode(passages, "document")
+    q = encoder.encode(queries[:200], "query")
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        vectors = synthetic_vectors(n, anchors, rng)
+        ids = np.arange(n, dtype=np.int64)
+        exact_hits = None
+        for kind in ("flat", "hnsw"):
+            config = CollectionConfig(name="bench", base_fingerprint=encoder.fingerprint, dim=encoder.dim, index=kind)
+            view = View(config, None, kind)
+            t = time.perf_counter()
+            for start in range(0, n, 50_000):
+                view.add(ids[start : start + 50_000], vectors[start : start + 50_000])
+            build = time.perf_counter() - t
+            params = faiss.SearchParametersHNSW(efSearch=config.ef_search) if kind == "hnsw" else None
+            times, found = [], []
+            for row in q:
+                t = time.perf_counter()
+                _, hit = view.index.search(row[None, :], 10, params=params)
+                times.append((time.perf_counter() - t) * 1000)
+                found.append(hit[0])
+            t = time.perf_counter()
+            view.index.search(q, 10, params=params)
+            batch_ms = (time.perf_counter() - t) * 1000 / len(q)
+            if kind == "flat":
+                exact_hits = found
+                recall = 1.0
+            else:
+                recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact_hits, strict=True)]))
+            rows.append({"n": n, "index": kind, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
+                         "batch_ms_per_query": batch_ms, "recall@10": recall, "build_s": build})
+            print(f"  {n:>9,d} {kind:5s} p50 {rows[-1]['p50_ms']:.3f} ms  p99 {rows[-1]['p99_ms']:.3f} ms  "
+                  f"batched {batch_ms:.3f} ms/query  recall@10 {recall:.3f}  build {build:.1f} s", flush=True)
+            del view
+        del vectors
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- report
+def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float]) -> str:
+    best = c["best"]
+    lines = ["## Serving benchmark (`make bench-serving`)", ""]
+    lines.append(f"In-process `SentenceTransformer.encode` ceiling, 12-word queries: best {best:.1f} queries/s at batch "
+                 f"size {c['best_bs']} (" + ", ".join(f"bs {k}: {v:.0f}" for k, v in c["query_rates"].items()) + "); "
+                 f"one query alone: p50 {c['single_p50']:.1f} ms, p99 {c['single_p99']:.1f} ms. Passages: best "
+                 f"{c['passage_best']:.1f}/s. Time to `/ready`: " + ", ".join(f"{k} {v:.1f} s" for k, v in ready.items()) + ".")
+    lines += ["", "| server | load | clients | inputs/s | vs ceiling | p50 ms | p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in http:
+        ref = best if r["kind"] == "query" else c["passage_best"]
+        lines.append(f"| {r['server']} | {r['load']} | {r['clients']} | {r['inputs_per_s']:.1f} | {r['inputs_per_s'] / ref:.0%} | "
+                     f"{r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
+    lines += ["", "| engine (no HTTP) | value |", "|---|---:|"]
+    for k, v in engine["per_call_ms"].items():
+        lines.append(f"| embed 64 queries, {k} | {v:.1f} ms" + (f" ({engine['overhead'][k]:+.1%} vs base)" if k != "base" else "") + " |")
+    for k, v in engine["transform_ms"].items():
+        lines.append(f"| {k} adapter alone on 64 vectors | {v:.3f} ms ({v / engine['per_call_ms']['base']:.2%} of the base embed) |")
+    lines.append(f"| one query, cache miss | {engine['miss_ms']:.2f} ms |")
+    lines.append(f"| one query, cache hit | {engine['hit_ms']:.3f} ms ({engine['miss_ms'] / engine['hit_ms']:.0f}x faster) |")
+    lines.append(f"| hot swap (activate) | p50 {engine['swap_ms_p50']:.3f} ms, p99 {engine['swap_ms_p99']:.3f} ms |")
+    lines.append(f"| register + swap (load from disk) | {engine['register_ms']:.1f} ms |")
+    lines += ["", "| vectors | index | search p50 ms | p99 ms | batched ms/query | recall@10 | build s |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in search:
+        lines.append(f"| {r['n']:,} | {r['index']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['batch_ms_per_query']:.3f} | "
+                     f"{r['recall@10']:.3f} | {r['build_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=10, help="seconds per load point (default 10)")
+    p.add_argument("--infinity", default=os.environ.get("INFINITY"), help="infinity_emb script of its own venv (skipped when absent)")
+    p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes for the FAISS rows")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: http,infinity,engine,faiss")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if shutil.which("wrk") is None and "http" not in skip:
+        sys.exit("wrk is not installed: apt-get install -y wrk (make bench-serving does)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    queries, passages = load_texts()
+    tmp = Path(tempfile.mkdtemp(prefix="embedlift-bench-"))
+    print(f"{len(queries)} queries (first 12 words of each Lyft question), {len(passages)} passages", flush=True)
+    print("1. in-process ceiling", flush=True)
+    c = ceiling(queries, passages)
+    print(f"  best {c['best']:.1f} q/s at bs {c['best_bs']}; single p50 {c['single_p50']:.1f} ms; passages {c['passage_best']:.1f}/s", flush=True)
+    http: list[dict] = []
+    ready: dict[str, float] = {}
+    if "http" not in skip:
+        print("2. embedlift over HTTP", flush=True)
+        proc, url, ready["embedlift"] = embedlift_server(tmp)
+        try:
+            http += run_loads("embedlift", url, "/embed",
+                              lambda g, kind: {"input": g, "input_type": "query" if kind == "query" else "document", "truncate": True},
+                              queries, passages, tmp, args.duration)
+        finally:
+            stop(proc)
+        if args.infinity and "infinity" not in skip:
+            print("3. infinity over HTTP", flush=True)
+            proc, url, ready["infinity"] = infinity_server(args.infinity, tmp)
+            try:
+                http += run_loads("infinity", url, "/embeddings", lambda g, kind: {"input": g, "model": "minilm"},
+                                  queries, passages, tmp, args.duration)
+            finally:
+                stop(proc)
+        elif "infinity" not in skip:
+            print("3. infinity: skipped (no --infinity / $INFINITY)", flush=True)
+    engine = {}
+    if "engine" not in skip:
+        print("4. engine parts", flush=True)
+        engine = engine_parts(queries, tmp)
+        print(f"  {json.dumps(engine, default=float)}", flush=True)
+    search: list[dict] = []
+    if "faiss" not in skip:
+        print("5. FAISS search", flush=True)
+        search = faiss_search([int(s) for s in args.sizes.split(",")], queries, passages)
+    text = report(c, http, engine, search, ready) if engine else json.dumps({"ceiling": c, "http": http, "search": search}, default=float)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.md").write_text(text)
+    print("\n" + text)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    sys.exit(main())
