@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from embedlift.models.errors import InvalidInputError
@@ -20,7 +21,7 @@ def comparison_table(comparison: Comparison, title: str = "") -> Table:
     table = Table(title=title or None, show_lines=False)
     table.add_column("metric")
     for r in comparison.results:
-        table.add_column(r.name, justify="right")
+        table.add_column(escape(r.name), justify="right")  # "base [int8]" is not rich markup
     base = comparison.results[0]
     for m in metric_names(comparison.ks):
         cells = [f"{base.metrics[m]:.4f}"]
