@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 import sqlite3
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

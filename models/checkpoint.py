@@ -223,7 +223,13 @@ def load_checkpoint(
     ckpt = Path(path)
     config = read_config(ckpt)
     trained_on = config.base.fingerprint
-    if expected_fingerprint is not None and trained_on != expected_fingerprint and model_identity(trained_on) == model_identity(expected_fingerprint):
+    if expected_fingerprint is not None and trained_on != expected_fingerprint:
+        if model_identity(trained_on) != model_identity(expected_fingerprint):
+            raise BaseMismatchError(
+                f"adapter {config.name!r} ({ckpt}) was trained on base {config.base.name} "
+                f"(fingerprint {config.base.fingerprint}), not on the base in use (fingerprint {expected_fingerprint}); "
+                f"pass --base for the adapter's base, or re-train the adapter on this one"
+            )
         if not allow_backend_mismatch:
             raise BaseMismatchError(
                 f"adapter {config.name!r} ({ckpt}) was trained on {config.base.name} run on the {backend_of(trained_on)} "
@@ -234,12 +240,6 @@ def load_checkpoint(
         logger.warning(
             "adapter %r was trained on the %s backend and runs on %s: quality may drop (see embedlift eval --backend)",
             config.name, backend_of(trained_on), backend_of(expected_fingerprint),
-        )
-    elif expected_fingerprint is not None and trained_on != expected_fingerprint:
-        raise BaseMismatchError(
-            f"adapter {config.name!r} ({ckpt}) was trained on base {config.base.name} "
-            f"(fingerprint {config.base.fingerprint}), not on the base in use (fingerprint {expected_fingerprint}); "
-            f"pass --base for the adapter's base, or re-train the adapter on this one"
         )
     weights = ckpt / WEIGHTS_FILE
     if not weights.is_file():

@@ -395,7 +395,7 @@ class Collection:
 
     def load(self) -> None:
         """Build the base view from the store (at start-up)."""
-        if self.config.index == "auto" and self.store.count()[1] >= AUTO_HNSW_WINDOWS:
+        if self._outgrew_exact(self.store.count()[1]):
             self.kind = "hnsw"
         base = View(self.config, None, self.kind)
         base.index = base.fill(self.store)
@@ -404,6 +404,10 @@ class Collection:
 
     def counts(self) -> tuple[int, int]:
         return self.store.count()
+
+    def _outgrew_exact(self, windows: int) -> bool:
+        """``auto``: past ``AUTO_HNSW_WINDOWS`` windows exact search is too slow; HNSW serves instead."""
+        return self.config.index == "auto" and windows >= AUTO_HNSW_WINDOWS
 
     def ensure_view(self, key: str, adapter: Adapter | None) -> View:
         """The view for an adapter's document transform (``key`` = its label), built from stored base vectors
@@ -440,8 +444,8 @@ class Collection:
                     view.add(ids, vectors)
                 if self._rebuild_log is not None:
                     self._rebuild_log.append(("add", ids, vectors))
-            if self.config.index == "auto" and self.kind == "flat" and self._views["base"].index.ntotal >= AUTO_HNSW_WINDOWS:
-                self._start_rebuild()  # grown past exact search's sweet spot: build HNSW aside, then swap
+            if self.kind == "flat" and self._outgrew_exact(self._views["base"].index.ntotal):
+                self._start_rebuild()  # build HNSW aside, then swap
 
     def delete(self, ids: Sequence[str]) -> list[str]:
         """Delete documents; returns the ids that were not in the collection."""

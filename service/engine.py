@@ -266,8 +266,8 @@ class Engine:
         vectors, _ = embed_pooled(self.encoder, queries, "query")
         if chosen is not None:
             vectors = chosen.checkpoint.adapter.transform_query(vectors)
-        key, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
-        return SearchResult(adapter=chosen.label if chosen else BASE, hits=collection.search(vectors, k, key, view_adapter, where))
+        label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
+        return SearchResult(adapter=label, hits=collection.search(vectors, k, label, view_adapter, where))
 
     # ------------------------------------------------------------------------------------------- eval
     def models_for_eval(self, names: Sequence[str] | None) -> list[LoadedAdapter]:
