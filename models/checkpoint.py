@@ -135,6 +135,8 @@ def save_checkpoint(
         for f in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+            # safetensors writes 0600: a service running as another user (the container's) could not read it
+            os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
         replace_dir(tmp, out)
     except BaseException:

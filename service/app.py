@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -30,7 +30,8 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
 from litestar.params import FromPath, JSONBody, Parameter
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from embedlift.models.errors import (
     EmbedliftError,
@@ -76,6 +77,9 @@ from embedlift.service.schemas import (
     UpsertResponse,
     Usage,
     WindowEmbedding,
+    BODY_RULES,
+    closed_bodies,
+    is_blank,
 )
 from embedlift.service.settings import Settings
 from embedlift.training.dataset import QADataset, validate
@@ -86,6 +90,8 @@ ADAPTER_HEADER = "x-embedlift-adapter"
 WINDOWS_HEADER = "x-embedlift-windows"
 DOCUMENT_SUFFIX = ":document"
 MAX_ADAPTER_UPLOAD = 1 << 30  # a checkpoint tar may be larger than the JSON body limit
+# Collection and adapter names in paths: the pattern is in the spec, and a name outside it is a 400 that shows it.
+NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, description="a collection or adapter name")]
 READ = {"auth": "read"}
 ADMIN = {"auth": "admin"}
 SECURITY = [{"bearer": []}]
@@ -110,6 +116,15 @@ def errors(*codes: int, openai: bool = False) -> dict[int, ResponseSpec]:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+@dataclass
+class OptionalBodyOperation(Operation):
+    """A route whose JSON body may be left out (Litestar declares every body required)."""
+
+    def __post_init__(self) -> None:
+        if self.request_body is not None:
+            self.request_body.required = False
+
+
 def engine_of(state: State) -> Engine:
     """The loaded engine, or a 503 while the model is still loading."""
     engine: Engine | None = state.get("engine")
@@ -135,7 +150,7 @@ def check_inputs(texts: Sequence[str], settings: Settings, what: str = "input") 
     for i, text in enumerate(texts):
         if len(text) > settings.max_input_chars:
             raise TooLargeError(f"{what}[{i}] has {len(text)} characters > maximum allowed {settings.max_input_chars}; split it")
-        if not text.strip():
+        if is_blank(text):
             raise InvalidInputError(f"{what}[{i}] is empty; every input must contain text")
 
 
@@ -214,12 +229,16 @@ class OpsController(Controller):
         return Health(status="ok")
 
 
-class MetricsController(PrometheusController):
-    """Prometheus metrics: requests and latency per route, request sizes, cache hit ratio, active adapter."""
+class MetricsController(Controller):
+    """Prometheus metrics: requests and latency per route, request sizes, cache hit ratio, active adapter.
+    Public unless ``metrics_public`` is off (then the read key)."""
 
-    include_in_schema = True
-    opt = {"auth": "metrics"}
     tags = ["ops"]
+
+    @get("/metrics", opt={"auth": "metrics"}, media_type=CONTENT_TYPE_LATEST, security=[{}, *SECURITY], responses=errors(401, 403))
+    async def metrics(self) -> Response[bytes]:
+        """Prometheus' text exposition format."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 class EmbedController(Controller):
@@ -303,8 +322,8 @@ class CollectionsController(Controller):
     tags = ["collections"]
     security = SECURITY
 
-    @put("/{name:str}", opt=ADMIN, status_code=200, responses={201: ResponseSpec(CollectionInfo, description="created"), **errors(400, 401, 403, 409, 503)})
-    async def create(self, name: FromPath[str], state: State, data: JSONBody[CollectionCreate | None] = None) -> Response[CollectionInfo]:
+    @put("/{name:str}", opt=ADMIN, status_code=200, operation_class=OptionalBodyOperation, responses={201: ResponseSpec(CollectionInfo, description="created"), **errors(400, 401, 403, 409, 503)})
+    async def create(self, name: NamePath, state: State, data: JSONBody[CollectionCreate | None] = None) -> Response[CollectionInfo]:
         """Create a collection (idempotent: the same settings again answer 200; other settings, 409)."""
         engine = engine_of(state)
         spec = data or CollectionCreate()
@@ -320,16 +339,16 @@ class CollectionsController(Controller):
         return CollectionList(collections=[collection_info(engine, n) for n in engine.collections.names()])
 
     @get("/{name:str}", opt=READ, responses=errors(401, 403, 404, 503))
-    async def get_collection(self, name: FromPath[str], state: State) -> CollectionInfo:
+    async def get_collection(self, name: NamePath, state: State) -> CollectionInfo:
         return collection_info(engine_of(state), name)
 
     @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 503))
-    async def delete_collection(self, name: FromPath[str], state: State) -> None:
+    async def delete_collection(self, name: NamePath, state: State) -> None:
         """Delete a collection and its documents (the directory is renamed aside first, then removed)."""
         engine_of(state).collections.delete(name)
 
     @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large upserts)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
-    async def upsert(self, name: FromPath[str], data: JSONBody[UpsertRequest], state: State) -> Response[UpsertResponse]:
+    async def upsert(self, name: NamePath, data: JSONBody[UpsertRequest], state: State) -> Response[UpsertResponse]:
         """Insert or replace documents by id. Long documents are stored as their windows. Past
         ``sync_upsert_documents`` documents the upsert runs as a background job (202, ``GET /jobs/{id}``)."""
         settings: Settings = state.settings
@@ -340,7 +359,7 @@ class CollectionsController(Controller):
         for i, d in enumerate(docs):
             if len(d.text) > settings.max_input_chars:
                 raise TooLargeError(f"documents[{i}] ({d.id!r}) has {len(d.text)} characters > maximum allowed {settings.max_input_chars}; split it")
-            if not d.text.strip():
+            if is_blank(d.text):
                 raise InvalidInputError(f"documents[{i}] ({d.id!r}) has empty text; every document must contain text")
         engine.collection(name)  # 404/409 before any work
         items = [(d.id, d.text, d.metadata) for d in docs]
@@ -351,7 +370,7 @@ class CollectionsController(Controller):
         return Response(_upsert_result(result))
 
     @post("/{name:str}/documents/delete", opt=ADMIN, status_code=200, responses=errors(400, 401, 403, 404, 409, 503))
-    async def delete_documents(self, name: FromPath[str], data: JSONBody[DeleteRequest], state: State) -> DeleteResponse:
+    async def delete_documents(self, name: NamePath, data: JSONBody[DeleteRequest], state: State) -> DeleteResponse:
         """Delete documents by id; ids not in the collection are listed in ``missing``."""
         engine = engine_of(state)
         collection = engine.collection(name)
@@ -359,27 +378,28 @@ class CollectionsController(Controller):
         return DeleteResponse(deleted=len(set(data.ids)) - len(set(missing)), missing=missing)
 
     @get("/{name:str}/documents/{doc_id:str}", opt=READ, responses=errors(401, 403, 404, 409, 503))
-    async def get_document(self, name: FromPath[str], doc_id: FromPath[str], state: State) -> StoredDocument:
+    async def get_document(self, name: NamePath, doc_id: FromPath[str], state: State) -> StoredDocument:
         found = engine_of(state).collection(name).store.get(doc_id)
         if found is None:
             raise NotFoundError(f"no document {doc_id!r} in collection {name!r}")
         return StoredDocument(id=found.id, text=found.text, metadata=found.metadata, windows=found.windows)
 
     @post("/{name:str}/search", opt=READ, status_code=200, responses=errors(400, 401, 403, 404, 409, 413, 429, 503))
-    async def search(self, name: FromPath[str], data: JSONBody[SearchRequest], state: State) -> Response[SearchResponse]:
+    async def search(self, name: NamePath, data: JSONBody[SearchRequest], state: State) -> Response[SearchResponse]:
         """Top-``k`` documents for ``query`` (``{"hits"}``) or for each of ``queries`` (``{"results"}``), one hit
         per document (its best window, whose span is reported), optionally filtered by metadata equality."""
         settings: Settings = state.settings
-        if (data.query is None) == (data.queries is None):
+        single = isinstance(data.query, str)
+        if single == isinstance(data.queries, list):
             raise InvalidInputError("send exactly one of `query` (a string) or `queries` (a list of strings)")
-        texts = [data.query] if data.query is not None else data.queries or []
-        check_inputs(texts, settings, "query" if data.query is not None else "queries")
+        texts = [data.query] if isinstance(data.query, str) else data.queries if isinstance(data.queries, list) else []
+        check_inputs(texts, settings, "query" if single else "queries")
         if data.k > settings.max_k:
             raise TooLargeError(f"k={data.k} > maximum allowed {settings.max_k}")
         engine = engine_of(state)
         result = await run_model_work(engine, engine.search, name, texts, data.k, data.adapter, data.filter)
         hits = [[search_hit(h) for h in per_query] for per_query in result.hits]
-        body = SearchResponse(adapter=result.adapter, hits=hits[0]) if data.query is not None else SearchResponse(
+        body = SearchResponse(adapter=result.adapter, hits=hits[0]) if single else SearchResponse(
             adapter=result.adapter, results=[SearchResult(hits=h) for h in hits]
         )
         return Response(body, headers={ADAPTER_HEADER: result.adapter})
@@ -526,7 +546,7 @@ class AdaptersController(Controller):
         return adapter_info(loaded, engine.active)
 
     @post("/{name:str}/activate", opt=ADMIN, status_code=200, responses=errors(401, 403, 404, 503))
-    async def activate(self, name: FromPath[str], state: State) -> ActiveAdapter:
+    async def activate(self, name: NamePath, state: State) -> ActiveAdapter:
         """Hot swap: requests that name no adapter use ``name`` from now on (``base``: no adapter).
         Requests in flight finish on the adapter they started with."""
         loaded = engine_of(state).registry.activate(name)
@@ -539,7 +559,7 @@ class AdaptersController(Controller):
         return ActiveAdapter(active=loaded.label if loaded else None)
 
     @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 409, 503))
-    async def delete_adapter(self, name: FromPath[str], state: State) -> None:
+    async def delete_adapter(self, name: NamePath, state: State) -> None:
         """Unregister an adapter and remove its checkpoint directory; the active one cannot be deleted."""
         engine = engine_of(state)
         engine.registry.delete(name)
@@ -627,7 +647,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 loaded.close()
 
     prometheus = PrometheusConfig(app_name="embedlift", prefix="embedlift", group_path=True, exclude=["/metrics"])
-    return Litestar(
+    app = Litestar(
         route_handlers=[OpsController, MetricsController, EmbedController, CollectionsController, EvalController, AdaptersController],
         state=State({"settings": settings, "engine": engine}),
         lifespan=[lifespan],
@@ -649,3 +669,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
         ),
     )
+    declare_body_rules(app)
+    return app
+
+
+def declare_body_rules(app: Litestar) -> None:
+    """What Litestar's schema generation leaves out of the request bodies, so the spec says what the server
+    does (schemathesis checks it): ``additionalProperties: false`` on bodies that refuse unknown fields, and
+    the rules across fields (``BODY_RULES``)."""
+    components = app.openapi_schema.components.schemas or {}
+    for name in closed_bodies():
+        if isinstance(schema := components.get(name), Schema):
+            schema.additional_properties = False
+    for name, rules in BODY_RULES.items():
+        schema = components[name]
+        for key, value in rules.items():
+            setattr(schema, {"oneOf": "one_of"}.get(key, key), value)

@@ -137,7 +137,11 @@ class AdapterRegistry:
             try:
                 check_name(path.name, "adapter")
                 sig = signature(path)
-            except (EmbedliftError, OSError):
+            except (EmbedliftError, OSError) as exc:
+                reason = exc.message if isinstance(exc, EmbedliftError) else str(exc)  # e.g. not readable by this user
+                if self._failed.get(path.name) != reason:
+                    logger.warning("adapter %s not loaded: %s", path, reason)
+                    self._failed[path.name] = reason
                 continue
             with self._lock:
                 current = self._adapters.get(path.name)

@@ -6,10 +6,42 @@ that names the field. The embedding responses use OpenAI's shape on both routes,
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
+
+
+def closed_bodies() -> list[str]:
+    """Request Structs that refuse unknown fields (a typo is a 400, never silently ignored)."""
+    return [
+        name for name, t in globals().items()
+        if isinstance(t, type) and issubclass(t, msgspec.Struct) and t.__struct_config__.forbid_unknown_fields
+    ]
+
+
+# Rules across fields that the handlers enforce, declared on the bodies' schemas (see app.declare_body_rules).
+BODY_RULES: dict[str, dict[str, Any]] = {
+    "SearchRequest": {"oneOf": [{"required": ["query"]}, {"required": ["queries"]}]},
+}
+
+
+def spec(**json_schema: Any) -> dict[str, Any]:
+    """Schema keywords for the OpenAPI spec only: Litestar drops constraints nested inside a list's items and
+    cannot express "not only whitespace", which msgspec or the handler enforce. Keeps the spec exact."""
+    return {"extra": json_schema}
+
+
+# Blank = only whitespace, with JSON Schema's (ECMA-262's) whitespace, so the spec's pattern and the server's
+# check (`is_blank`, whose 400 says which input) agree on every character.
+WHITESPACE = r"\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NOT_BLANK = f"[^{WHITESPACE}]"
+_NOT_BLANK = re.compile(NOT_BLANK)
+
+
+def is_blank(text: str) -> bool:
+    return _NOT_BLANK.search(text) is None
 
 Texts = str | list[str]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
@@ -18,7 +50,7 @@ Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 class EmbedRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /embed``."""
 
-    input: Texts
+    input: Annotated[Texts, Meta(extra_json_schema=spec(pattern=NOT_BLANK, minItems=1, items={"type": "string", "pattern": NOT_BLANK}))]
     input_type: Literal["query", "document"] = "query"
     adapter: str | None = None  # None: the active adapter; "base": none
     normalize: bool = True
@@ -57,7 +89,15 @@ class EmbedResponse(msgspec.Struct, kw_only=True):
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/embeddings``: OpenAI's request. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
-    input: str | list[str | int | list[int]]  # token-id arrays are parsed only to be refused with a clear 400
+    # Token-id arrays are parsed only to be refused with a 400 that says how to stop LangChain sending them;
+    # the spec declares what is accepted.
+    input: Annotated[
+        str | list[str | int | list[int]],
+        Meta(extra_json_schema=spec(oneOf=[
+            {"type": "string", "pattern": NOT_BLANK},
+            {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
+        ])),
+    ]
     model: str = "active"
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
@@ -141,7 +181,7 @@ class CollectionList(msgspec.Struct, kw_only=True):
 
 class Document(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: Annotated[str, Meta(min_length=1, max_length=512)]
-    text: str
+    text: Annotated[str, Meta(extra_json_schema=spec(pattern=NOT_BLANK))]
     metadata: dict[str, Any] = {}
 
 
@@ -156,7 +196,7 @@ class UpsertResponse(msgspec.Struct, kw_only=True):
 
 
 class DeleteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    ids: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+    ids: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, extra_json_schema=spec(items={"type": "string", "minLength": 1}))]
 
 
 class DeleteResponse(msgspec.Struct, kw_only=True):
@@ -177,8 +217,8 @@ Scalar = str | int | float | bool | None
 class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``query`` (one) or ``queries`` (a batch); ``filter``: metadata equality on every key given."""
 
-    query: str | None = None
-    queries: list[str] | None = None
+    query: Annotated[str, Meta(extra_json_schema=spec(pattern=NOT_BLANK))] | UnsetType = UNSET
+    queries: Annotated[list[str], Meta(min_length=1, extra_json_schema=spec(items={"type": "string", "pattern": NOT_BLANK}))] | UnsetType = UNSET
     k: Annotated[int, Meta(ge=1)] = 10
     adapter: str | None = None
     filter: dict[str, Scalar] | None = None
@@ -221,7 +261,10 @@ class EvalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queries: dict[str, str] | None = None
     relevant_docs: dict[str, list[str]] | None = None
     adapters: list[str] | None = None  # default: the active adapter (the base is always compared)
-    k: Annotated[list[Annotated[int, Meta(ge=1, le=1000)]], Meta(min_length=1, max_length=20)] = msgspec.field(default_factory=lambda: [1, 3, 5, 10])
+    k: Annotated[
+        list[Annotated[int, Meta(ge=1, le=1000)]],
+        Meta(min_length=1, max_length=20, extra_json_schema=spec(items={"type": "integer", "minimum": 1, "maximum": 1000})),
+    ] = msgspec.field(default_factory=lambda: [1, 3, 5, 10])
     per_query: bool = False  # also return each query's rank of its first relevant document, per model
     background: bool = False  # run as a job even when small
 

@@ -47,6 +47,8 @@ def test_round_trip(tmp_path, kind, apply_to):
     np.testing.assert_allclose(loaded.adapter.transform(x), adapter.transform(x), atol=1e-6)
     assert loaded.name == "a" and loaded.config.apply_to == apply_to and loaded.config.training == {"lr": 0.1}
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "model.safetensors"]
+    # readable by other users: a container's service user reads what training on the host wrote
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {"0o644"}
 
 
 def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
