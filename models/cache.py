@@ -9,10 +9,12 @@ same text as a document are different inputs and never share a vector.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 
 from embedlift.models.encoders import Encoder, Role
 from embedlift.models.windows import Span
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_path() -> Path:
@@ -54,15 +58,35 @@ class EmbeddingCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: losing the last batch on power loss is fine
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS base_vectors ("
-            " fingerprint TEXT NOT NULL, key BLOB NOT NULL, vector BLOB NOT NULL,"
-            " PRIMARY KEY (fingerprint, key)) WITHOUT ROWID"
-        )
-        self._db.commit()
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            # Only a cache: set the damaged file aside (kept for a post-mortem) and start an empty one.
+            aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            logger.warning("the embedding cache %s is damaged (%s); moved to %s, starting an empty cache", self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    os.replace(src, Path(f"{aside}{suffix}"))
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a cache: losing the last batch on power loss is fine
+            if (result := db.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
+                raise sqlite3.DatabaseError(result)
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS base_vectors ("
+                " fingerprint TEXT NOT NULL, key BLOB NOT NULL, vector BLOB NOT NULL,"
+                " PRIMARY KEY (fingerprint, key)) WITHOUT ROWID"
+            )
+            db.commit()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def get_many(self, fingerprint: str, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}

@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import numpy as np
 from litestar import Controller, Litestar, MediaType, Request, Response, delete, get, post, put
+from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
@@ -89,7 +90,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_HEADER = "x-embedlift-adapter"
 WINDOWS_HEADER = "x-embedlift-windows"
 DOCUMENT_SUFFIX = ":document"
-MAX_ADAPTER_UPLOAD = 1 << 30  # a checkpoint tar may be larger than the JSON body limit
 # Collection and adapter names in paths: the pattern is in the spec, and a name outside it is a 400 that shows it.
 NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, description="a collection or adapter name")]
 READ = {"auth": "read"}
@@ -414,6 +414,8 @@ def _upsert_result(r: Any) -> UpsertResponse:
 
 
 def collection_info(engine: Engine, name: str) -> CollectionInfo:
+    if (problem := engine.collections.damaged().get(name)) is not None:
+        return CollectionInfo(name=name, status="damaged", problem=problem)
     mismatched = engine.collections.mismatched()
     if name in mismatched:
         c = mismatched[name]
@@ -523,13 +525,13 @@ class AdaptersController(Controller):
 
     @post(
         "/", opt=ADMIN, status_code=201, operation_class=RegisterAdapterOperation,
-        request_max_body_size=MAX_ADAPTER_UPLOAD, responses=errors(400, 401, 403, 404, 409, 413, 503),
+        request_max_body_size=None, responses=errors(400, 401, 403, 404, 409, 413, 503),
     )
     async def register(self, request: Request, state: State, name: str | None = Parameter(default=None, pattern=NAME_PATTERN, description="name for an uploaded tar (default: the checkpoint's own)")) -> AdapterInfo:
         """Register a checkpoint (a new name is version 1; a name registered again gets the next version).
         A checkpoint that fails validation (damaged, wrong base or shape) is refused and nothing changes."""
         engine = engine_of(state)
-        body = await request.body()
+        body = await read_upload(request, state.settings.max_upload_bytes)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type in ("", "application/json"):
             try:
@@ -565,6 +567,18 @@ class AdaptersController(Controller):
         engine.registry.delete(name)
         for c in engine.collections.all():
             c.drop_views({a.label for a in engine.adapters()})
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The body of a checkpoint upload (which may be larger than the JSON limit), read up to ``limit`` bytes:
+    one byte more is a 413 before the rest is read."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLargeError(f"the upload is over {limit} bytes (max_upload_bytes); a checkpoint tar is far smaller")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def adapter_info(a: LoadedAdapter, active: LoadedAdapter | None) -> AdapterInfo:
@@ -659,6 +673,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             Exception: handle_internal_error,
         },
         request_max_body_size=settings.max_body_bytes,
+        cors_config=cors_config(settings),
         openapi_config=OpenAPIConfig(
             title="embedlift",
             version="0.1.0",
@@ -671,6 +686,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     declare_body_rules(app)
     return app
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    """CORS only when origins are configured: by default no CORS headers, so a page on another site cannot
+    read responses in a user's browser."""
+    if not settings.cors_origins:
+        return None
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    return CORSConfig(
+        allow_origins=origins, allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+        expose_headers=[ADAPTER_HEADER, WINDOWS_HEADER, "Retry-After"],
+    )
 
 
 def declare_body_rules(app: Litestar) -> None:

@@ -42,7 +42,7 @@ import msgspec
 import numpy as np
 
 from embedlift.models.adapters import Adapter
-from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
+from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from embedlift.models.windows import Span, WindowedVectors
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,14 @@ def faiss_ids(seq: int, n_windows: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ store
 class DocumentStore:
     """One collection's SQLite file. Every public method is one transaction."""
+
+    def check(self) -> None:
+        """SQLite's own consistency check (pages, indexes, free lists), run at start: a damaged file is
+        found then, with its name, not at the first query that touches the bad page."""
+        with self._lock:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -588,6 +596,7 @@ class CollectionManager:
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
         self._mismatched: dict[str, CollectionConfig] = {}
+        self._damaged: dict[str, str] = {}  # name -> what is wrong, naming the file
 
     def load_all(self) -> None:
         """Open every collection and build its base index; remove leftovers of interrupted creates/deletes."""
@@ -598,23 +607,46 @@ class CollectionManager:
                 continue
             if not (path / STORE_FILE).is_file():
                 continue
-            store = DocumentStore(path / STORE_FILE)
-            config = store.read_config()
+            try:
+                store = DocumentStore(path / STORE_FILE)
+                store.check()
+                config = store.read_config()
+            except (sqlite3.DatabaseError, msgspec.DecodeError, InvalidInputError) as exc:
+                self._set_damaged(path.name, path / STORE_FILE, exc)
+                continue
             if config.base_fingerprint != self.fingerprint:
                 logger.warning("collection %s was built with base %s, not %s", config.name, config.base_fingerprint, self.fingerprint)
                 self._mismatched[config.name] = config
                 store.close()
                 continue
             collection = Collection(path, store, config)
-            collection.load()
+            try:
+                collection.load()  # the FAISS views are derived: rebuilt from the store's base vectors
+            except (sqlite3.DatabaseError, ValueError) as exc:
+                store.close()
+                self._set_damaged(path.name, path / STORE_FILE, exc)
+                continue
             self._collections[config.name] = collection
+
+    def _set_damaged(self, name: str, file: Path, exc: Exception) -> None:
+        """A store that fails SQLite's check or cannot be read: the other collections still serve; this one
+        answers 503 naming the file until it is restored from a backup or deleted."""
+        problem = f"its store {file} is damaged ({exc}); restore the file from a backup, or delete the collection"
+        logger.error("collection %s: %s", name, problem)
+        self._damaged[name] = problem
+
+    def damaged(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._damaged)
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted([*self._collections, *self._mismatched])
+            return sorted([*self._collections, *self._mismatched, *self._damaged])
 
     def get(self, name: str) -> Collection:
         with self._lock:
+            if name in self._damaged:
+                raise UnavailableError(f"collection {name!r} cannot be served: {self._damaged[name]} (DELETE /collections/{name})")
             if name in self._mismatched:
                 config = self._mismatched[name]
                 raise ConflictError(
@@ -669,7 +701,8 @@ class CollectionManager:
         with self._lock:
             collection = self._collections.pop(name, None)
             config = self._mismatched.pop(name, None)
-            if collection is None and config is None:
+            damaged = self._damaged.pop(name, None)
+            if collection is None and config is None and damaged is None:
                 raise NotFoundError(f"unknown collection {name!r}; existing: {sorted(self._collections)}")
             if collection is not None:
                 collection.store.close()

@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 
 from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write, load_checkpoint, replace_dir
-from embedlift.models.errors import CheckpointError, ConflictError, EmbedliftError, InvalidInputError, NotFoundError
+from embedlift.models.errors import CheckpointError, ConflictError, EmbedliftError, InvalidInputError, NotFoundError, TooLargeError
 from embedlift.service.collections import check_name
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,11 @@ class AdapterRegistry:
             try:
                 self._state = msgspec.json.decode(self.state_path.read_bytes(), type=RegistryState)
             except msgspec.DecodeError as exc:
-                raise CheckpointError(f"{self.state_path} is damaged ({exc}); delete it to start with no active adapter") from exc
+                # Written atomically, so only outside hands damage it. The checkpoints themselves are the source
+                # of truth: register them again (as version 1) with no adapter active, and keep the file.
+                aside = self.state_path.with_name(f"{self.state_path.name}.damaged")
+                os.replace(self.state_path, aside)
+                logger.error("%s is damaged (%s); moved to %s, re-registering the checkpoints with no adapter active", self.state_path, exc, aside)
         self.scan()
         wanted = override_active if override_active is not None else self._state.active
         if wanted is not None and wanted != BASE:
@@ -250,11 +254,15 @@ class AdapterRegistry:
         try:
             try:
                 with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-                    tar.extractall(tmp / "x", filter="data")
+                    check_members(tar.getmembers())
+                    tar.extractall(tmp / "x", filter="data")  # and the stdlib's own guard, as a second line
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise InvalidInputError(f"the upload is not a safe, readable tar archive ({exc}); send `tar -c -C DIR .`") from exc
             root = _checkpoint_root(tmp / "x")
-            checkpoint = self._load(root)  # validate before touching anything
+            try:
+                checkpoint = self._load(root)  # validate before touching anything
+            except CheckpointError as exc:  # name the uploaded file, not the server's temporary path
+                raise type(exc)(exc.message.replace(f"{root}/", "uploaded ").replace(str(root), "the upload")) from None
             target = check_name(name or checkpoint.config.name, "adapter")
             with self._lock:
                 replace_dir(root, self.adapters_dir / target)
@@ -305,6 +313,28 @@ class AdapterRegistry:
 
     def _save(self) -> None:
         atomic_write(self.state_path, msgspec.json.encode(self._state))
+
+
+MAX_UNPACKED = 4 << 30  # bytes a checkpoint upload may unpack to (a gzip bomb is refused before writing)
+MAX_MEMBERS = 64
+
+
+def check_members(members: list[tarfile.TarInfo]) -> None:
+    """Only plain files and directories, with relative paths that stay inside, of a bounded total size: the
+    refusal names the member, so the sender knows what to fix."""
+    if len(members) > MAX_MEMBERS:
+        raise InvalidInputError(f"the archive has {len(members)} entries > {MAX_MEMBERS}; a checkpoint is {CONFIG_FILE} + {WEIGHTS_FILE}")
+    total = 0
+    for m in members:
+        parts = Path(m.name).parts
+        if m.name.startswith(("/", "\\")) or ".." in parts:
+            raise InvalidInputError(f"archive entry {m.name!r} points outside the checkpoint; use relative paths (`tar -c -C DIR .`)")
+        if not (m.isfile() or m.isdir()):
+            kind = "link" if m.issym() or m.islnk() else "device or special file"
+            raise InvalidInputError(f"archive entry {m.name!r} is a {kind}; a checkpoint holds only regular files")
+        total += m.size
+        if total > MAX_UNPACKED:
+            raise TooLargeError(f"the archive unpacks to more than {MAX_UNPACKED} bytes; a checkpoint is far smaller")
 
 
 def _checkpoint_root(folder: Path) -> Path:

@@ -165,11 +165,12 @@ class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 class CollectionInfo(msgspec.Struct, kw_only=True):
     name: str
-    status: Literal["ready", "base_mismatch"]
-    index: str
-    base_fingerprint: str
-    dim: int
-    created: str
+    status: Literal["ready", "base_mismatch", "damaged"]
+    index: str | None = None
+    base_fingerprint: str | None = None
+    dim: int | None = None
+    created: str | None = None
+    problem: str | None = None  # with ``damaged``: which file and what to do
     documents: int | None = None
     windows: int | None = None
     searching_with: Literal["flat", "hnsw"] | None = None  # with ``index: auto``, which one serves now

@@ -6,7 +6,7 @@ A flag wins over the environment, which wins over the default (as infinity's ``E
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ class Settings:
         admin_key: Bearer key for mutating routes (collections, adapters); ``None`` = open.
         max_inputs: Inputs per request.
         max_input_chars: Characters per input.
-        max_body_bytes: Request body size.
+        max_body_bytes: Request body size (JSON routes).
+        max_upload_bytes: Size of a checkpoint tar uploaded to ``POST /adapters``.
         batch_size: Texts per forward pass of the base (sentence-transformers' mini-batch).
         max_batch_inputs: Inputs the dynamic batcher hands the model per call, from all waiting requests.
         max_queued_inputs: Inputs waiting for the model at most; a request beyond it gets 429 with Retry-After.
@@ -47,11 +48,13 @@ class Settings:
         watch_interval: Seconds between scans of the adapters directory for new checkpoints (0 = off).
         metrics_public: ``False`` puts ``/metrics`` behind the read key.
         access_log: Log every request (off: Prometheus counts them, and a log line each costs throughput).
+        cors_origins: Comma-separated origins that browsers may call the API from (``*`` = any); ``None`` =
+            CORS off (no CORS headers, so browsers keep other sites' pages out).
     """
 
     base: str | None = None
     base_url: str | None = None
-    openai_api_key: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)  # secrets stay out of reprs and logs
     dimensions: int | None = None
     backend: str = "torch"
     allow_backend_mismatch: bool = False
@@ -61,11 +64,12 @@ class Settings:
     data_dir: Path = Path("data")
     adapters_dir: Path = Path("adapters")
     adapter: str | None = None
-    api_key: str | None = None
-    admin_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
     max_inputs: int = 256
     max_input_chars: int = 65_536
     max_body_bytes: int = 16 * 1024 * 1024
+    max_upload_bytes: int = 1 << 30
     batch_size: int = 32
     max_batch_inputs: int = 64
     max_queued_inputs: int = 2048
@@ -79,6 +83,7 @@ class Settings:
     watch_interval: float = 2.0
     metrics_public: bool = True
     access_log: bool = False
+    cors_origins: str | None = None
 
     @classmethod
     def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:

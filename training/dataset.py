@@ -89,6 +89,10 @@ def parse_dataset(data: bytes | str, source: str = "dataset") -> QADataset:
         raise DatasetError(f"{source}: {exc.message}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{source} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise DatasetError(f"{source} is not a dataset: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise DatasetError(f"{source} is not valid JSON: {exc}") from exc
     try:
         ds = msgspec.convert(raw, QADataset)
     except msgspec.ValidationError as exc:
