@@ -551,13 +551,13 @@ class AdaptersController(Controller):
     async def activate(self, name: NamePath, state: State) -> ActiveAdapter:
         """Hot swap: requests that name no adapter use ``name`` from now on (``base``: no adapter).
         Requests in flight finish on the adapter they started with."""
-        loaded = engine_of(state).registry.activate(name)
+        loaded = await asyncio.to_thread(engine_of(state).registry.activate, name)  # it fsyncs the registry state
         return ActiveAdapter(active=loaded.label if loaded else None)
 
     @post("/rollback", opt=ADMIN, status_code=200, responses=errors(401, 403, 409, 503))
     async def rollback(self, state: State) -> ActiveAdapter:
         """Back to the previously active adapter."""
-        loaded = engine_of(state).registry.rollback()
+        loaded = await asyncio.to_thread(engine_of(state).registry.rollback)
         return ActiveAdapter(active=loaded.label if loaded else None)
 
     @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 409, 503))

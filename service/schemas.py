@@ -222,7 +222,7 @@ class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queries: Annotated[list[str], Meta(min_length=1, extra_json_schema=spec(items={"type": "string", "pattern": NOT_BLANK}))] | UnsetType = UNSET
     k: Annotated[int, Meta(ge=1)] = 10
     adapter: str | None = None
-    filter: dict[str, Scalar] | None = None
+    filter: Annotated[dict[str, Scalar], Meta(extra_json_schema=spec(propertyNames={"pattern": '^[^"]+$'}))] | None = None
 
 
 class SearchHit(msgspec.Struct, kw_only=True):

@@ -26,6 +26,6 @@ def test_64_clients_with_adapter_swaps_every_100ms(minilm, tmp_path):
     assert report.errors == []
     assert report.overloaded_without_retry_after == 0
     assert report.requests > 0 and set(report.latencies) == {"embed", "openai", "search", "upsert"}
-    assert report.swaps >= SECONDS * 5 and report.swap_errors == 0
+    assert report.swaps >= SECONDS * 9 and report.swap_errors == 0  # one every 100 ms
     assert report.rss_end_mb - report.rss_start_mb < RSS_GROWTH_MB
     assert code == 0
