@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -183,7 +182,7 @@ def test_resume_after_a_kill_pays_each_chunk_once(chat, tmp_path):
     r = run_generate(chat, str(tmp_path / "a.txt"), "--out", str(out), "--chunk-words", "60", "--overlap-words", "0", "--concurrency", "1")
     assert r.returncode == 0, r.stderr
     n_chunks = len(json.loads(out.read_text())["corpus"])
-    assert re.search(rf"from earlier runs", r.stderr)
+    assert re.search(r"from earlier runs", r.stderr)
     assert chat.requests <= n_chunks + 1  # at most the one in flight at the kill is paid twice
     assert first >= 4
 
