@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -32,6 +33,8 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.plugins.prometheus import PrometheusConfig
+from litestar.response import Redirect
+from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from embedlift.models.errors import (
@@ -212,10 +215,18 @@ def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
 
 
 # ------------------------------------------------------------------------------------------- controllers
+UI_DIR = Path(__file__).parent / "static" / "ui"
+
+
 class OpsController(Controller):
     """Liveness and readiness; public."""
 
     tags = ["ops"]
+
+    @get("/", include_in_schema=False)
+    async def home(self) -> Redirect:
+        """The playground page (the API reference is at /schema)."""
+        return Redirect(path="/ui/")
 
     @get("/health")
     async def health(self, state: State) -> Health:
@@ -662,7 +673,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     prometheus = PrometheusConfig(app_name="embedlift", prefix="embedlift", group_path=True, exclude=["/metrics"])
     app = Litestar(
-        route_handlers=[OpsController, MetricsController, EmbedController, CollectionsController, EvalController, AdaptersController],
+        route_handlers=[
+            OpsController, MetricsController, EmbedController, CollectionsController, EvalController, AdaptersController,
+            # the playground: static files calling the public API with the keys the user types (so no auth here)
+            create_static_files_router(path="/ui", directories=[UI_DIR], html_mode=True, include_in_schema=False, name="ui"),
+        ],
         state=State({"settings": settings, "engine": engine}),
         lifespan=[lifespan],
         guards=[auth_guard],

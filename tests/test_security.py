@@ -15,7 +15,7 @@ from tests.helpers import REPO, make_adapter, start_server, stop_server
 READ_KEY, ADMIN_KEY = "sec-read-3f9c1a", "sec-admin-77d2e0"
 # Routes anyone may call: liveness, readiness, the spec and its page, metrics (public by default).
 PUBLIC = {"/health", "/ready", "/metrics"}
-PUBLIC_PREFIXES = ("/schema",)
+PUBLIC_PREFIXES = ("/schema", "/ui")  # the playground's static files (it calls the API with the user's keys)
 
 
 @pytest.fixture(scope="module")
