@@ -13,6 +13,8 @@ import asyncio
 import base64
 import hmac
 import logging
+import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,7 +46,7 @@ from embedlift.models.errors import (
     TooLargeError,
     UnavailableError,
 )
-from embedlift.service.collections import NAME_PATTERN, Hit
+from embedlift.service.collections import NAME_PATTERN, Hit, check_name
 from embedlift.service.engine import BASE, EmbedResult, Engine, LoadedAdapter
 from embedlift.service.jobs import Job
 from embedlift.service.schemas import (
@@ -55,6 +57,7 @@ from embedlift.service.schemas import (
     CollectionCreate,
     CollectionInfo,
     CollectionList,
+    DatasetList,
     DeleteRequest,
     DeleteResponse,
     Embedding,
@@ -76,6 +79,7 @@ from embedlift.service.schemas import (
     SearchRequest,
     SearchResponse,
     SearchResult,
+    StoredDataset,
     StoredDocument,
     UpsertRequest,
     UpsertResponse,
@@ -86,7 +90,7 @@ from embedlift.service.schemas import (
     is_blank,
 )
 from embedlift.service.settings import Settings
-from embedlift.training.dataset import QADataset, validate
+from embedlift.training.dataset import QADataset, load_dataset, validate
 
 logger = logging.getLogger(__name__)
 
@@ -454,12 +458,18 @@ class EvalController(Controller):
         settings: Settings = state.settings
         engine = engine_of(state)
         adapters = engine.models_for_eval(data.adapters)  # unknown names: 404 before any work
-        if (data.dataset is None) == (data.collection is None):
-            raise InvalidInputError("send exactly one of `dataset` (EmbeddingQAFinetuneDataset JSON) or `collection` (with `queries` and `relevant_docs`)")
-        if data.dataset is not None:
+        if sum(x is not None for x in (data.dataset, data.dataset_name, data.collection)) != 1:
+            raise InvalidInputError(
+                "send exactly one of `dataset` (EmbeddingQAFinetuneDataset JSON), `dataset_name` (a stored dataset, "
+                "see GET /datasets) or `collection` (with `queries` and `relevant_docs`)"
+            )
+        if data.dataset is not None or data.dataset_name is not None:
             if data.queries is not None or data.relevant_docs is not None:
-                raise InvalidInputError("`queries` and `relevant_docs` go inside `dataset` (or use `collection`)")
-            ds = validate(QADataset(queries=data.dataset.queries, corpus=data.dataset.corpus, relevant_docs=data.dataset.relevant_docs), "dataset")
+                raise InvalidInputError("`queries` and `relevant_docs` go inside the dataset (or use `collection`)")
+            if data.dataset_name is not None:
+                ds = await asyncio.to_thread(load_dataset, stored_dataset(settings, data.dataset_name))
+            else:
+                ds = validate(QADataset(queries=data.dataset.queries, corpus=data.dataset.corpus, relevant_docs=data.dataset.relevant_docs), "dataset")
             size = len(ds.queries) + len(ds.corpus)
 
             def work(job: Job | None = None) -> EvalResponse:
@@ -478,10 +488,28 @@ class EvalController(Controller):
             return accepted(engine.jobs.submit("eval", work, total=size))  # type: ignore[return-value]
         return Response(await run_model_work(engine, work))
 
+    @get("/datasets", responses=errors(401, 403))
+    async def datasets(self, state: State) -> DatasetList:
+        """Stored evaluation datasets (``NAME.json`` in the server's datasets directory), for ``dataset_name``."""
+        folder = state.settings.datasets_path
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        return DatasetList(datasets=[
+            StoredDataset(name=f.stem, bytes=f.stat().st_size, modified=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.stat().st_mtime)))
+            for f in files if re.fullmatch(NAME_PATTERN, f.stem)
+        ])
+
     @get("/jobs/{job_id:str}", responses=errors(401, 403, 404, 503))
     async def job(self, job_id: FromPath[str], state: State) -> JobInfo:
         """A background job's status, progress (``done`` of ``total``) and, when it succeeded, its result."""
         return job_info(engine_of(state).jobs.get(job_id))
+
+
+def stored_dataset(settings: Settings, name: str) -> Path:
+    """``NAME.json`` inside the datasets directory, never a path outside it (the name pattern has no ``/``)."""
+    path = settings.datasets_path / f"{check_name(name, 'dataset')}.json"
+    if not path.is_file():
+        raise NotFoundError(f"no stored dataset {name!r} in {settings.datasets_path}; see GET /datasets, or send `dataset` inline")
+    return path
 
 
 def eval_response(comparison: Any, adapters: Sequence[LoadedAdapter], per_query: bool) -> EvalResponse:

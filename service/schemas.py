@@ -258,6 +258,7 @@ class EvalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A dataset inline, or a collection with queries and their relevant document ids."""
 
     dataset: EvalDataset | None = None
+    dataset_name: Name | None = None  # a stored dataset: NAME.json in the server's datasets directory
     collection: str | None = None
     queries: dict[str, str] | None = None
     relevant_docs: dict[str, list[str]] | None = None
@@ -268,6 +269,16 @@ class EvalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = msgspec.field(default_factory=lambda: [1, 3, 5, 10])
     per_query: bool = False  # also return each query's rank of its first relevant document, per model
     background: bool = False  # run as a job even when small
+
+
+class StoredDataset(msgspec.Struct, kw_only=True):
+    name: str  # what ``POST /eval`` takes as ``dataset_name``
+    bytes: int
+    modified: str
+
+
+class DatasetList(msgspec.Struct, kw_only=True):
+    datasets: list[StoredDataset]
 
 
 class EvalResponse(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -27,6 +27,8 @@ class Settings:
         port: Port to bind.
         data_dir: Where the service keeps its state (base-embedding cache, collections, registry).
         adapters_dir: Directory of adapter checkpoints (one sub-directory each).
+        datasets_dir: Stored evaluation datasets (``NAME.json``) that ``POST /eval`` may name as
+            ``dataset_name`` (default ``data_dir/datasets``); nothing outside it is read.
         adapter: Adapter to activate at start (overrides the remembered one).
         api_key: Bearer key for read routes (embed, search, eval); ``None`` = open.
         admin_key: Bearer key for mutating routes (collections, adapters); ``None`` = open.
@@ -63,6 +65,7 @@ class Settings:
     port: int = 8080
     data_dir: Path = Path("data")
     adapters_dir: Path = Path("adapters")
+    datasets_dir: Path | None = None
     adapter: str | None = None
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
@@ -85,6 +88,10 @@ class Settings:
     access_log: bool = False
     cors_origins: str | None = None
 
+    @property
+    def datasets_path(self) -> Path:
+        return self.datasets_dir if self.datasets_dir is not None else self.data_dir / "datasets"
+
     @classmethod
     def from_sources(cls, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
         """Flags (``None`` = not given) over ``EMBEDLIFT_*`` environment variables over defaults."""
@@ -100,6 +107,9 @@ class Settings:
             default = f.default
             if f.name in ("dimensions", "threads"):
                 values[f.name] = int(raw)
+                continue
+            if f.name == "datasets_dir":
+                values[f.name] = Path(raw)
                 continue
             if isinstance(default, bool):
                 values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")

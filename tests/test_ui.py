@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,8 @@ def site(minilm, lyft_slice, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     make_adapter(minilm, root / "adapters" / "alpha", seed=1)
     make_adapter(minilm, root / "adapters" / "beta", seed=2)
+    (root / "data" / "datasets").mkdir(parents=True)
+    shutil.copy(lyft_slice, root / "data" / "datasets" / "lyft-slice.json")  # a stored dataset for /eval
     proc, url = start_server(root / "data", root / "adapters", "--adapter", "alpha", "--watch-interval", "0",
                              env={"EMBEDLIFT_API_KEY": READ_KEY, "EMBEDLIFT_ADMIN_KEY": ADMIN_KEY})
     data = json.loads(lyft_slice.read_text())
@@ -103,6 +106,27 @@ def test_eval_draws_hit_rate_curves_and_lists_fixed_and_broken_queries(page, sit
     assert page.locator("#changes .changes").count() == 2
     assert page.locator("#changes .changes h2").first.inner_text().startswith("alpha@1: fixed")
     page.screenshot(path=str(SHOTS[-1] / "eval.png"), full_page=True)
+
+
+def test_a_stored_dataset_evaluates_like_the_same_file_sent_inline(page, site):
+    read = {"Authorization": f"Bearer {READ_KEY}"}
+    listing = httpx.get(f"{site['url']}/datasets", headers=read).json()["datasets"]
+    assert [d["name"] for d in listing] == ["lyft-slice"]
+    inline = httpx.post(f"{site['url']}/eval", headers=read, timeout=120,
+                        json={"dataset": json.loads(site["dataset"].read_text()), "adapters": ["beta"]}).json()
+    stored = httpx.post(f"{site['url']}/eval", headers=read, timeout=120, json={"dataset_name": "lyft-slice", "adapters": ["beta"]}).json()
+    assert stored["metrics"] == inline["metrics"]
+    r = httpx.post(f"{site['url']}/eval", headers=read, json={"dataset_name": "missing"})
+    assert r.status_code == 404 and "GET /datasets" in r.json()["detail"]
+    assert httpx.post(f"{site['url']}/eval", headers=read, json={"dataset_name": "../registry"}).status_code == 400
+    # and in the page: pick it instead of uploading
+    page.click("button[data-view=eval]")
+    page.set_input_files("#eval-file", [])
+    page.select_option("#eval-stored", "lyft-slice")
+    page.select_option("#eval-adapters", ["beta"])
+    page.click("#eval-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#eval-table tr').length === 3", timeout=120_000)
+    assert "beta@1" in page.locator("#eval-table tr").nth(2).inner_text()
 
 
 def test_adapters_activate_and_swaps_from_elsewhere_show_without_reload(page, site):

@@ -90,6 +90,11 @@ async function rollback() {
 }
 
 // ----------------------------------------------------------------------------------------------- search
+async function refreshDatasets() {
+  const { data } = await api("/datasets");
+  fill($("#eval-stored"), ["", ...data.datasets.map((d) => d.name)], $("#eval-stored").value);
+}
+
 async function refreshCollections() {
   const { data } = await api("/collections");
   fill($("#collection"), data.collections.filter((c) => c.status === "ready").map((c) => c.name), $("#collection").value);
@@ -167,15 +172,23 @@ function rankChange(before, after) {
 async function runEval(event) {
   event.preventDefault();
   const file = $("#eval-file").files[0];
-  let dataset;
-  try {
-    dataset = JSON.parse(await file.text());
-  } catch (e) {
-    throw new Error(`${file.name} is not JSON: ${e.message}`);
+  const stored = $("#eval-stored").value;
+  if (!file && !stored) throw new Error("choose a dataset file to upload, or a stored dataset");
+  let dataset = { queries: {} };
+  const source = {};
+  if (file) {
+    try {
+      dataset = JSON.parse(await file.text());
+    } catch (e) {
+      throw new Error(`${file.name} is not JSON: ${e.message}`);
+    }
+    source.dataset = dataset;
+  } else {
+    source.dataset_name = stored; // read by the server from its datasets directory; rows show query ids
   }
   const adapters = [...$("#eval-adapters").selectedOptions].map((o) => o.value);
-  const body = { dataset, k: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], per_query: true, ...(adapters.length ? { adapters } : {}) };
-  say(`evaluating ${Object.keys(dataset.queries || {}).length} queries…`);
+  const body = { ...source, k: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], per_query: true, ...(adapters.length ? { adapters } : {}) };
+  say(`evaluating ${file ? file.name : stored}…`);
   let { status, data } = await api("/eval", { method: "POST", body });
   if (status === 202) data = await waitForJob(data.job.id);
   renderEval(data, dataset);
@@ -268,6 +281,7 @@ function remember(input) {
 async function load() {
   await refreshAdapters();
   await refreshCollections();
+  await refreshDatasets();
   say("");
 }
 
