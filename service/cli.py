@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 8080)")
     s.add_argument("--data-dir", type=Path, help="service state: base-embedding cache, collections (default ./data)")
     s.add_argument("--adapters-dir", type=Path, help="adapter checkpoints, one sub-directory each (default ./adapters)")
+    s.add_argument("--datasets-dir", type=Path, help="stored evaluation datasets for POST /eval dataset_name (default DATA_DIR/datasets)")
     s.add_argument("--base-url", help="with --base openai:<model>: the OpenAI-protocol API root (default: $OPENAI_BASE_URL)")
     s.add_argument("--dimensions", type=int, help="with --base openai:<model>: ask for shorter vectors")
     s.add_argument("--adapter", help="adapter to activate at start")
