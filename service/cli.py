@@ -210,6 +210,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_llamaindex(args: argparse.Namespace) -> int:
+    from embedlift.models.checkpoint import BaseInfo, save_checkpoint
+    from embedlift.models.llamaindex import read_llamaindex_adapter
+
+    adapter = read_llamaindex_adapter(args.source, apply_to=args.apply_to)  # refused before the base loads
+    encoder = _encoder(args)
+    if encoder.dim != adapter.config.dim:
+        raise InvalidInputError(f"the adapter maps {adapter.config.dim} dimensions but the base {encoder.name} has {encoder.dim}; pass the --base it was trained on")
+    base = BaseInfo(name=encoder.name, fingerprint=encoder.fingerprint, dim=encoder.dim, details=encoder.describe())
+    config = save_checkpoint(adapter, args.out, base=base, name=args.name, training={"imported_from": "llamaindex", "source": str(args.source)})
+    _err(f"imported {args.source} as {config.kind} adapter {config.name!r} for {base.fingerprint} -> {args.out}")
+    return 0
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     from embedlift.models.errors import NotFoundError
     from embedlift.models.windows import embed_documents
@@ -405,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", type=Path, default=Path("data"), help="the server's data directory (default ./data)")
     _add_base_options(r)
     r.set_defaults(func=cmd_reindex)
+
+    a = sub.add_parser("adapters", help="adapter checkpoints: import from LlamaIndex")
+    asub = a.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    li = asub.add_parser("import-llamaindex", help="convert a LlamaIndex adapter (config.json + pytorch_model.bin) to an embedlift checkpoint",
+                         description="Reads a LinearLayer or a residual relu TwoLayerNN saved by LlamaIndex's adapter.save() "
+                         "(weights read tensors-only, never arbitrary pickle) and writes an embedlift checkpoint computing the "
+                         "same function, for the base it was trained on (--base; default the packaged MiniLM).")
+    li.add_argument("source", type=Path, help="the LlamaIndex adapter directory")
+    li.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (e.g. adapters/NAME)")
+    li.add_argument("--name", help="adapter name (default: the --out directory's name)")
+    li.add_argument("--apply-to", choices=["query", "both"], default="query",
+                    help="query (what LlamaIndex's AdapterEmbeddingModel does) or both")
+    _add_base_options(li)
+    li.set_defaults(func=cmd_import_llamaindex)
 
     g = sub.add_parser("generate", help="make (question, passage) pairs from documents with an OpenAI-compatible LLM",
                        description="Chunk documents (.txt, .md, .pdf, directories, or a corpus JSON) and ask a chat model "

@@ -112,11 +112,15 @@ def test_keys_never_reach_logs_or_reprs(minilm, tmp_path):
 
 
 def test_no_pickle_is_loaded_anywhere():
-    """Weights are safetensors, configs JSON, vectors SQLite blobs: nothing executes code when read."""
-    risky = re.compile(r"\bpickle\b|\bjoblib\b|torch\.load\(|allow_pickle\s*=\s*True|\bdill\b|cloudpickle")
+    """Weights are safetensors, configs JSON, vectors SQLite blobs: nothing executes code when read. The one
+    torch pickle read (a LlamaIndex checkpoint being imported) goes through ``weights_only=True``."""
+    risky = re.compile(
+        r"^\s*(import|from)\s+(pickle|cPickle|joblib|dill|cloudpickle)\b|pickle\.loads?\(|joblib\.load\(|torch\.load\(|allow_pickle\s*=\s*True"
+    )
     for folder in ("models", "training", "service"):
         for path in (REPO / folder).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 code = line.split("#")[0]
-                if risky.search(code) and "No pickle" not in line:
+                tensors_only = "torch.load(" in code and "weights_only=True" in code  # LlamaIndex import: tensors only
+                if risky.search(code) and not tensors_only:
                     pytest.fail(f"{path.relative_to(REPO)}:{n} may load pickle: {line.strip()}")
