@@ -119,7 +119,7 @@ STATUS_TABLE = {
 
 def errors(*codes: int, openai: bool = False) -> dict[int, ResponseSpec]:
     body = OpenAIError if openai else ErrorBody
-    return {c: ResponseSpec(data_container=body, description=STATUS_TABLE[c]) for c in codes}
+    return {c: ResponseSpec(data_container=body, description=STATUS_TABLE[c], generate_examples=False) for c in codes}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -337,7 +337,7 @@ class CollectionsController(Controller):
     tags = ["collections"]
     security = SECURITY
 
-    @put("/{name:str}", opt=ADMIN, status_code=200, operation_class=OptionalBodyOperation, responses={201: ResponseSpec(CollectionInfo, description="created"), **errors(400, 401, 403, 409, 503)})
+    @put("/{name:str}", opt=ADMIN, status_code=200, operation_class=OptionalBodyOperation, responses={201: ResponseSpec(CollectionInfo, description="created", generate_examples=False), **errors(400, 401, 403, 409, 503)})
     async def create(self, name: NamePath, state: State, data: JSONBody[CollectionCreate | None] = None) -> Response[CollectionInfo]:
         """Create a collection (idempotent: the same settings again answer 200; other settings, 409)."""
         engine = engine_of(state)
@@ -362,7 +362,7 @@ class CollectionsController(Controller):
         """Delete a collection and its documents (the directory is renamed aside first, then removed)."""
         engine_of(state).collections.delete(name)
 
-    @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large upserts)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
+    @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large upserts)", generate_examples=False), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
     async def upsert(self, name: NamePath, data: JSONBody[UpsertRequest], state: State) -> Response[UpsertResponse]:
         """Insert or replace documents by id. Long documents are stored as their windows. Past
         ``sync_upsert_documents`` documents the upsert runs as a background job (202, ``GET /jobs/{id}``)."""
@@ -451,7 +451,7 @@ class EvalController(Controller):
     opt = READ
     security = SECURITY
 
-    @post("/eval", status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large evaluations)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
+    @post("/eval", status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large evaluations)", generate_examples=False), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
     async def evaluate(self, data: JSONBody[EvalRequest], state: State) -> Response[EvalResponse]:
         """Base vs adapters on a dataset (inline) or on a collection with queries and relevant ids: the same
         metrics and names as ``embedlift eval --json``; ``per_query`` adds each query's rank per model."""

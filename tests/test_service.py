@@ -480,4 +480,5 @@ def test_openapi_spec_has_not_drifted():
     from embedlift.service.cli import spec_bytes
 
     committed = (REPO / "openapi" / "openapi.json").read_bytes()
+    assert spec_bytes() == spec_bytes(), "the spec must be deterministic (no generated examples)"
     assert spec_bytes() == committed, "openapi/openapi.json is stale: run `embedlift openapi --out openapi/openapi.json`"
