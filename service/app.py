@@ -13,7 +13,6 @@ import asyncio
 import base64
 import hmac
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from embedlift.models.errors import (
     TooLargeError,
     UnavailableError,
 )
-from embedlift.service.collections import NAME_PATTERN, Hit, check_name
+from embedlift.service.collections import NAME_PATTERN, Hit, check_name, valid_name
 from embedlift.service.engine import BASE, EmbedResult, Engine, LoadedAdapter
 from embedlift.service.jobs import Job
 from embedlift.service.schemas import (
@@ -117,9 +116,15 @@ STATUS_TABLE = {
 }
 
 
+def documented(container: type, description: str) -> ResponseSpec:
+    """A response in the spec, without Litestar's generated examples (random values: the spec must be
+    the same bytes every time it is built, for the drift test and for clients that diff it)."""
+    return ResponseSpec(data_container=container, description=description, generate_examples=False)
+
+
 def errors(*codes: int, openai: bool = False) -> dict[int, ResponseSpec]:
     body = OpenAIError if openai else ErrorBody
-    return {c: ResponseSpec(data_container=body, description=STATUS_TABLE[c], generate_examples=False) for c in codes}
+    return {c: documented(body, STATUS_TABLE[c]) for c in codes}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -337,7 +342,7 @@ class CollectionsController(Controller):
     tags = ["collections"]
     security = SECURITY
 
-    @put("/{name:str}", opt=ADMIN, status_code=200, operation_class=OptionalBodyOperation, responses={201: ResponseSpec(CollectionInfo, description="created", generate_examples=False), **errors(400, 401, 403, 409, 503)})
+    @put("/{name:str}", opt=ADMIN, status_code=200, operation_class=OptionalBodyOperation, responses={201: documented(CollectionInfo, "created"), **errors(400, 401, 403, 409, 503)})
     async def create(self, name: NamePath, state: State, data: JSONBody[CollectionCreate | None] = None) -> Response[CollectionInfo]:
         """Create a collection (idempotent: the same settings again answer 200; other settings, 409)."""
         engine = engine_of(state)
@@ -362,7 +367,7 @@ class CollectionsController(Controller):
         """Delete a collection and its documents (the directory is renamed aside first, then removed)."""
         engine_of(state).collections.delete(name)
 
-    @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large upserts)", generate_examples=False), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
+    @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: documented(JobAccepted, "a background job (large upserts)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
     async def upsert(self, name: NamePath, data: JSONBody[UpsertRequest], state: State) -> Response[UpsertResponse]:
         """Insert or replace documents by id. Long documents are stored as their windows. Past
         ``sync_upsert_documents`` documents the upsert runs as a background job (202, ``GET /jobs/{id}``)."""
@@ -407,7 +412,7 @@ class CollectionsController(Controller):
         single = isinstance(data.query, str)
         if single == isinstance(data.queries, list):
             raise InvalidInputError("send exactly one of `query` (a string) or `queries` (a list of strings)")
-        texts = [data.query] if isinstance(data.query, str) else data.queries if isinstance(data.queries, list) else []
+        texts = [data.query] if single else data.queries
         check_inputs(texts, settings, "query" if single else "queries")
         if data.k > settings.max_k:
             raise TooLargeError(f"k={data.k} > maximum allowed {settings.max_k}")
@@ -451,7 +456,7 @@ class EvalController(Controller):
     opt = READ
     security = SECURITY
 
-    @post("/eval", status_code=200, responses={202: ResponseSpec(JobAccepted, description="a background job (large evaluations)", generate_examples=False), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
+    @post("/eval", status_code=200, responses={202: documented(JobAccepted, "a background job (large evaluations)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
     async def evaluate(self, data: JSONBody[EvalRequest], state: State) -> Response[EvalResponse]:
         """Base vs adapters on a dataset (inline) or on a collection with queries and relevant ids: the same
         metrics and names as ``embedlift eval --json``; ``per_query`` adds each query's rank per model."""
@@ -492,10 +497,11 @@ class EvalController(Controller):
     async def datasets(self, state: State) -> DatasetList:
         """Stored evaluation datasets (``NAME.json`` in the server's datasets directory), for ``dataset_name``."""
         folder = state.settings.datasets_path
-        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        files = [f for f in sorted(folder.glob("*.json")) if valid_name(f.stem)] if folder.is_dir() else []
+        stats = [(f.stem, f.stat()) for f in files]
         return DatasetList(datasets=[
-            StoredDataset(name=f.stem, bytes=f.stat().st_size, modified=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.stat().st_mtime)))
-            for f in files if re.fullmatch(NAME_PATTERN, f.stem)
+            StoredDataset(name=name, bytes=st.st_size, modified=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)))
+            for name, st in stats
         ])
 
     @get("/jobs/{job_id:str}", responses=errors(401, 403, 404, 503))
@@ -753,5 +759,6 @@ def declare_body_rules(app: Litestar) -> None:
             schema.additional_properties = False
     for name, rules in BODY_RULES.items():
         schema = components[name]
+        aliases = schema.field_aliases()  # JSON Schema keyword -> Schema attribute
         for key, value in rules.items():
-            setattr(schema, {"oneOf": "one_of"}.get(key, key), value)
+            setattr(schema, aliases.get(key, key), value)

@@ -60,9 +60,13 @@ Metadata = dict[str, Any]
 Filter = dict[str, str | int | float | bool | None]
 
 
+def valid_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
 def check_name(name: str, what: str = "collection") -> str:
     """Names become directory names: letters, digits, ``_ . -``, starting with a letter or digit."""
-    if not _NAME.match(name):
+    if not valid_name(name):
         raise InvalidInputError(
             f"invalid {what} name {name!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -121,14 +125,6 @@ def faiss_ids(seq: int, n_windows: int) -> np.ndarray:
 class DocumentStore:
     """One collection's SQLite file. Every public method is one transaction."""
 
-    def check(self) -> None:
-        """SQLite's own consistency check (pages, indexes, free lists), run at start: a damaged file is
-        found then, with its name, not at the first query that touches the bad page."""
-        with self._lock:
-            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError("; ".join(problems))
-
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
@@ -162,6 +158,14 @@ class DocumentStore:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
+
+    def check(self) -> None:
+        """SQLite's own consistency check (pages, indexes, free lists), run at start: a damaged file is
+        found then, with its name, not at the first query that touches the bad page."""
+        with self._lock:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
 
     def read_config(self) -> CollectionConfig:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()

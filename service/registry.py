@@ -97,7 +97,7 @@ class AdapterRegistry:
         self._adapters: dict[str, LoadedAdapter] = {}
         self._active: LoadedAdapter | None = None
         self._state = RegistryState()
-        self._failed: dict[str, str] = {}  # watched directories that failed to load, by signature
+        self._failed: dict[str, str] = {}  # watched directories that failed: their signature, or why they are unreadable
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from embedlift.service.collections import NAME_PATTERN
+
 
 def closed_bodies() -> list[str]:
     """Request Structs that refuse unknown fields (a typo is a 400, never silently ignored)."""
@@ -44,7 +46,7 @@ def is_blank(text: str) -> bool:
     return _NOT_BLANK.search(text) is None
 
 Texts = str | list[str]
-Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+Name = Annotated[str, Meta(pattern=NAME_PATTERN)]  # the one pattern for collection, adapter, dataset names
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 
+# Fields whose default is ``None`` but whose value is not a string: how to read them from a flag or the env.
+OPTIONAL_TYPES: dict[str, type] = {"dimensions": int, "threads": int, "datasets_dir": Path}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Service settings; each field ``x_y`` is also read from ``EMBEDLIFT_X_Y``.
@@ -105,11 +109,8 @@ class Settings:
             if raw is None:
                 continue
             default = f.default
-            if f.name in ("dimensions", "threads"):
-                values[f.name] = int(raw)
-                continue
-            if f.name == "datasets_dir":
-                values[f.name] = Path(raw)
+            if f.name in OPTIONAL_TYPES:  # default None: the type cannot be read off the default
+                values[f.name] = OPTIONAL_TYPES[f.name](raw)
                 continue
             if isinstance(default, bool):
                 values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
