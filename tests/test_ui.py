@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import LYFT
 from tests.helpers import make_adapter, start_server, stop_server
 
 CHROMIUM = os.environ.get("EMBEDLIFT_CHROMIUM", "/usr/bin/chromium")
@@ -29,13 +30,26 @@ if not Path(CHROMIUM).exists() and os.environ.get("EMBEDLIFT_UI_TEST") != "1":
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; EMBEDLIFT_UI_TEST=1 makes this a failure)", allow_module_level=True)
 
 
+def small_dataset(path: Path) -> Path:
+    """Without the Lyft data beside the repository: 20 short passages, two questions each."""
+    topics = ["revenue", "drivers", "riders", "insurance", "bikes", "scooters", "autonomous vehicles", "safety",
+              "regulation", "competition", "pricing", "advertising", "rentals", "airports", "payments",
+              "data privacy", "climate", "taxes", "employees", "litigation"]
+    corpus = {f"d{i}": f"This section of the annual report discusses {t} and how {t} affected results this year." for i, t in enumerate(topics)}
+    queries = {f"q{i}-{j}": q for i, t in enumerate(topics) for j, q in enumerate([f"What does the report say about {t}?", f"How did {t} affect results?"])}
+    relevant = {q: [f"d{q.split('-')[0][1:]}"] for q in queries}
+    path.write_text(json.dumps({"queries": queries, "corpus": corpus, "relevant_docs": relevant}))
+    return path
+
+
 @pytest.fixture(scope="module")
-def site(minilm, lyft_slice, tmp_path_factory):
+def site(minilm, request, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
+    lyft_slice = request.getfixturevalue("lyft_slice") if LYFT.is_file() else small_dataset(root / "small.json")
     make_adapter(minilm, root / "adapters" / "alpha", seed=1)
     make_adapter(minilm, root / "adapters" / "beta", seed=2)
     (root / "data" / "datasets").mkdir(parents=True)
-    shutil.copy(lyft_slice, root / "data" / "datasets" / "lyft-slice.json")  # a stored dataset for /eval
+    shutil.copy(lyft_slice, root / "data" / "datasets" / "eval-set.json")  # a stored dataset for /eval
     proc, url = start_server(root / "data", root / "adapters", "--adapter", "alpha", "--watch-interval", "0",
                              env={"EMBEDLIFT_API_KEY": READ_KEY, "EMBEDLIFT_ADMIN_KEY": ADMIN_KEY})
     data = json.loads(lyft_slice.read_text())
@@ -111,10 +125,10 @@ def test_eval_draws_hit_rate_curves_and_lists_fixed_and_broken_queries(page, sit
 def test_a_stored_dataset_evaluates_like_the_same_file_sent_inline(page, site):
     read = {"Authorization": f"Bearer {READ_KEY}"}
     listing = httpx.get(f"{site['url']}/datasets", headers=read).json()["datasets"]
-    assert [d["name"] for d in listing] == ["lyft-slice"]
+    assert [d["name"] for d in listing] == ["eval-set"]
     inline = httpx.post(f"{site['url']}/eval", headers=read, timeout=120,
                         json={"dataset": json.loads(site["dataset"].read_text()), "adapters": ["beta"]}).json()
-    stored = httpx.post(f"{site['url']}/eval", headers=read, timeout=120, json={"dataset_name": "lyft-slice", "adapters": ["beta"]}).json()
+    stored = httpx.post(f"{site['url']}/eval", headers=read, timeout=120, json={"dataset_name": "eval-set", "adapters": ["beta"]}).json()
     assert stored["metrics"] == inline["metrics"]
     r = httpx.post(f"{site['url']}/eval", headers=read, json={"dataset_name": "missing"})
     assert r.status_code == 404 and "GET /datasets" in r.json()["detail"]
@@ -122,7 +136,7 @@ def test_a_stored_dataset_evaluates_like_the_same_file_sent_inline(page, site):
     # and in the page: pick it instead of uploading
     page.click("button[data-view=eval]")
     page.set_input_files("#eval-file", [])
-    page.select_option("#eval-stored", "lyft-slice")
+    page.select_option("#eval-stored", "eval-set")
     page.select_option("#eval-adapters", ["beta"])
     page.click("#eval-form button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#eval-table tr').length === 3", timeout=120_000)
