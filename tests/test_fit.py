@@ -58,6 +58,13 @@ def test_other_positives_are_never_negatives(embedded):
 
 def test_sampled_candidates_with_hard_negatives(embedded):
     _, train, val = embedded
-    settings = FitSettings(epochs=2, max_candidate_docs=5, hard_negatives=3, patience=2)
-    result = fit_adapter(train, val, settings, progress=False)
-    assert len(result.history) >= 1 and all(np.isfinite(h["loss"]) for h in result.history)
+    from dataclasses import replace
+
+    # each query's two top-ranked wrong documents as its dataset negatives: always among the sampled candidates
+    scores = train.scores(None)
+    negatives = [[int(d) for d in np.argsort(-row) if int(d) not in rel][:2] for row, rel in zip(scores, train.relevant)]
+    with_negatives = replace(train, negatives=negatives)
+    for loss in ("ranking", "triplet"):
+        settings = FitSettings(epochs=2, max_candidate_docs=5, patience=2, loss=loss)
+        result = fit_adapter(with_negatives, val, settings, progress=False)
+        assert len(result.history) >= 1 and all(np.isfinite(h["loss"]) for h in result.history)

@@ -1,8 +1,11 @@
 """(question, passage) datasets in LlamaIndex's ``EmbeddingQAFinetuneDataset`` JSON, validated, and split.
 
 ``{"queries": {qid: text}, "corpus": {doc_id: text}, "relevant_docs": {qid: [doc_id, ...]}}``; LlamaIndex
-also writes ``"mode": "text"``, which is accepted. Every problem found is reported with the first offenders,
-so a user fixes the file in one pass.
+also writes ``"mode": "text"``, which is accepted. embedlift adds one optional key, ``"hard_negatives":
+{qid: [doc_id, ...]}`` (mined or given negatives, written out so a run can be repeated); it is left out of
+the file when empty, so a file without negatives stays exactly LlamaIndex's format. Every problem found is
+reported with the first offenders, so a user fixes the file in one pass. Other formats (JSONL, CSV,
+labelled data) are read and written by ``embedlift.training.formats``.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ SplitBy = Literal["query", "document"]
 _SHOW = 5  # offenders listed per problem
 
 
-class QADataset(msgspec.Struct, kw_only=True, frozen=True):
-    """Queries, a corpus, and which documents answer each query."""
+class QADataset(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Queries, a corpus, which documents answer each query, and (optionally) documents that look relevant
+    to a query but are not (``hard_negatives``: training pushes them away; ``eval`` reports triplet accuracy)."""
 
     queries: dict[str, str]
     corpus: dict[str, str]
     relevant_docs: dict[str, list[str]]
     mode: str = "text"
+    hard_negatives: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -76,6 +81,14 @@ def validate(ds: QADataset, source: str = "dataset") -> QADataset:
     dup_rel = [q for q, docs in ds.relevant_docs.items() if len(set(docs)) != len(docs)]
     if dup_rel:
         problems.append(f"relevant_docs lists a document twice for: {_first(dup_rel)}")
+    if unknown := [q for q in ds.hard_negatives if q not in ds.queries]:
+        problems.append(f"hard_negatives names queries not in queries: {_first(unknown)}")
+    bad_docs = [f"{q} -> {d}" for q, docs in ds.hard_negatives.items() for d in docs if d not in ds.corpus]
+    if bad_docs:
+        problems.append(f"hard_negatives names documents not in corpus: {_first(bad_docs)}")
+    both = [f"{q} -> {d}" for q, docs in ds.hard_negatives.items() for d in docs if d in ds.relevant_docs.get(q, ())]
+    if both:
+        problems.append(f"a hard negative is also a relevant document of the same query: {_first(both)}")
     if problems:
         raise DatasetError(f"{source} fails validation: " + "; ".join(problems))
     return ds
@@ -123,12 +136,14 @@ def subset(ds: QADataset, query_ids: Iterable[str], doc_ids: Iterable[str] | Non
     dropped. Callers report sizes, so nothing disappears unseen.
     """
     corpus = ds.corpus if doc_ids is None else {d: ds.corpus[d] for d in doc_ids}
-    queries, relevant = {}, {}
+    queries, relevant, negatives = {}, {}, {}
     for q in query_ids:
         docs = [d for d in ds.relevant_docs[q] if d in corpus]
         if docs:
             queries[q], relevant[q] = ds.queries[q], docs
-    return QADataset(queries=queries, corpus=corpus, relevant_docs=relevant, mode=ds.mode)
+            if negs := [d for d in ds.hard_negatives.get(q, ()) if d in corpus]:
+                negatives[q] = negs
+    return QADataset(queries=queries, corpus=corpus, relevant_docs=relevant, mode=ds.mode, hard_negatives=negatives)
 
 
 def split(ds: QADataset, fraction: float, *, by: SplitBy = "document", seed: int = 0) -> tuple[QADataset, QADataset]:

@@ -1,8 +1,11 @@
-"""Base vs adapters, side by side, on one dataset.
+"""Base vs adapters vs fine-tuned models, side by side, on one dataset.
 
 Every query is scored exactly against the whole corpus with the windowed scoring training uses. Each
-adapter's row carries its deltas against the base with a paired bootstrap 95% interval, so a user can tell
-a real gain from noise before shipping.
+adapter's (or fine-tuned model's) column carries its deltas against the base with a paired bootstrap 95%
+interval, so a user can tell a real gain from noise before shipping. A dataset with hard negatives also gets
+triplet accuracy: how often a query is closer to its positive than to its negative, under cosine, dot,
+euclidean and manhattan distance (sentence-transformers' ``TripletEvaluator``), a document being as close as
+its closest window.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedlift.models.adapters import Adapter
 from embedlift.models.checkpoint import Checkpoint
 from embedlift.models.errors import InvalidInputError
 from embedlift.training.metrics import (
@@ -26,6 +30,7 @@ from embedlift.training.retrieval import EmbeddedDataset
 
 BASE = "base"
 CURVE_KS = tuple(range(1, 11))
+TRIPLET_METRICS = ("triplet_accuracy_cosine", "triplet_accuracy_dot", "triplet_accuracy_euclidean", "triplet_accuracy_manhattan")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Comparison:
     n_docs: int
     n_windowed: int
     deltas: dict[str, dict[str, tuple[float, float, float]]] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, dict[str, float]]:
         """``{"base": {"hit_rate@5": ...}, "<adapter>": {...}}``, as ``embedlift eval --json`` prints."""
@@ -75,8 +81,37 @@ def _check_names(checkpoints: Sequence[Checkpoint]) -> None:
         raise InvalidInputError(f"two adapters share the name {dupes[0]!r}: names must be unique in one comparison")
 
 
-def _result(name: str, scores: np.ndarray, data: EmbeddedDataset, ks: tuple[int, ...]) -> ModelResult:
+def triplet_accuracy(data: EmbeddedDataset, adapter: Adapter | None = None) -> dict[str, np.ndarray]:
+    """Per query with hard negatives, the fraction of its (positive, negative) pairs ranked right under each
+    distance. Vectors as the model gives them (an adapter's output not normalised), as TripletEvaluator does."""
+    q = data.queries if adapter is None else adapter.transform_query(data.queries, normalize=False)
+    w = data.docs.vectors if adapter is None else adapter.transform_document(data.docs.vectors, normalize=False)
+    start = np.searchsorted(data.docs.owner, np.arange(data.docs.n_docs + 1))
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+    wn = w / np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)
+
+    def closeness(i: int, doc: int) -> np.ndarray:
+        """Higher is closer, per distance: the document's best window."""
+        win, winn = w[start[doc] : start[doc + 1]], wn[start[doc] : start[doc + 1]]
+        return np.array([
+            (winn @ qn[i]).max(), (win @ q[i]).max(),
+            -np.linalg.norm(win - q[i], axis=1).min(), -np.abs(win - q[i]).sum(axis=1).min(),
+        ])
+
+    out: dict[str, list[float]] = {m: [] for m in TRIPLET_METRICS}
+    for i, negatives in enumerate(data.negatives):
+        if not negatives:
+            continue
+        right = [closeness(i, p) > closeness(i, n) for p in sorted(data.relevant[i]) for n in negatives]
+        for m, frac in zip(TRIPLET_METRICS, np.mean(right, axis=0), strict=True):
+            out[m].append(float(frac))
+    return {m: np.array(v) for m, v in out.items()}
+
+
+def _result(name: str, scores: np.ndarray, data: EmbeddedDataset, ks: tuple[int, ...], adapter: Adapter | None = None) -> ModelResult:
     per_query = per_query_metrics(scores, data.doc_ids, data.relevant, ks)
+    if any(data.negatives):
+        per_query |= triplet_accuracy(data, adapter)
     curve = per_query_metrics(scores, data.doc_ids, data.relevant, CURVE_KS)
     return ModelResult(
         name=name,
@@ -106,33 +141,42 @@ def compare_runs(
     checkpoints: Sequence[Checkpoint] = (),
     ks: Sequence[int] = DEFAULT_KS,
     *,
+    models: Sequence[tuple[str, EmbeddedDataset]] = (),
     seed: int = 0,
 ) -> Comparison:
     """The base and each adapter on the same dataset embedded more than one way (e.g. by the float32 and the
     int8 backend of one model), in one comparison: rows of a run labelled ``x`` are named ``base [x]``,
     ``name [x]``; every delta is against the first run's base, so the table shows what the other runs cost.
+
+    Args:
+        models: Other whole models (fine-tuned bases) on the same dataset, each a row of its own name, without
+            adapters (adapters belong to the base they were trained on).
     """
     ks = tuple(sorted(set(ks)))
     if not ks or ks[0] < 1:
         raise InvalidInputError(f"k values must be positive integers, got {list(ks)}")
     _check_names(checkpoints)
     data = runs[0][1]
-    if any(other.query_ids != data.query_ids or other.doc_ids != data.doc_ids for _, other in runs[1:]):
+    if any(other.query_ids != data.query_ids or other.doc_ids != data.doc_ids for _, other in [*runs[1:], *models]):
         raise InvalidInputError("compared runs must embed the same queries and documents")
+    if clash := {n for n, _ in models} & ({BASE} | {c.name for c in checkpoints}):
+        raise InvalidInputError(f"a fine-tuned model and an adapter (or the base row) share the name {sorted(clash)[0]!r}; rename one")
     results: list[ModelResult] = []
     for label, run in runs:
         suffix = f" [{label}]" if label else ""
         results.append(_result(BASE + suffix, run.scores(None), run, ks))
-        results += [_result(c.name + suffix, run.scores(c.adapter), run, ks) for c in checkpoints]
+        results += [_result(c.name + suffix, run.scores(c.adapter), run, ks, c.adapter) for c in checkpoints]
+    results += [_result(name, run.scores(None), run, ks) for name, run in models]
     base = results[0]
+    names = [*metric_names(ks), *(TRIPLET_METRICS if TRIPLET_METRICS[0] in base.metrics else ())]
     deltas = {
         r.name: {
             m: (r.metrics[m] - base.metrics[m], *bootstrap_delta(base.per_query[m], r.per_query[m], seed=seed))
-            for m in metric_names(ks)
+            for m in names
         }
         for r in results[1:]
     }
     return Comparison(
         ks=ks, query_ids=data.query_ids, results=results, n_docs=data.docs.n_docs,
-        n_windowed=data.docs.n_windowed, deltas=deltas,
+        n_windowed=data.docs.n_windowed, deltas=deltas, names=names,
     )

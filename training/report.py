@@ -23,7 +23,7 @@ def comparison_table(comparison: Comparison, title: str = "") -> Table:
     for r in comparison.results:
         table.add_column(escape(r.name), justify="right")  # "base [int8]" is not rich markup
     base = comparison.results[0]
-    for m in metric_names(comparison.ks):
+    for m in comparison.names or metric_names(comparison.ks):
         cells = [f"{base.metrics[m]:.4f}"]
         for r in comparison.results[1:]:
             d, lo, hi = comparison.deltas[r.name][m]

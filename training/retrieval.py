@@ -6,7 +6,8 @@ Training and evaluation both start here, so they score a document the same way: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from embedlift.models.adapters import Adapter
 from embedlift.models.encoders import Encoder
 from embedlift.models.windows import WindowedVectors, best_window_scores, embed_documents, embed_pooled
 from embedlift.training.dataset import QADataset
+
+if TYPE_CHECKING:
+    from embedlift.training.formats import LabelledDataset
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class EmbeddedDataset:
         docs: Base vectors of every document window.
         relevant: For each query, the column indices of its relevant documents.
         query_windows: Windows each query needed (a query longer than the model's window is pooled).
+        negatives: For each query, the column indices of its hard negatives (from the dataset), in order.
     """
 
     query_ids: list[str]
@@ -35,6 +40,7 @@ class EmbeddedDataset:
     docs: WindowedVectors
     relevant: list[set[int]]
     query_windows: np.ndarray
+    negatives: list[list[int]] = field(default_factory=list)
 
     def scores(self, adapter: Adapter | None = None) -> np.ndarray:
         """``(n_queries, n_docs)`` cosine scores of (adapted) queries against each document's best window."""
@@ -57,7 +63,31 @@ def embed_dataset(encoder: Encoder, ds: QADataset, *, windows: bool = True) -> E
     docs = embed_documents(encoder, [ds.corpus[d] for d in doc_ids], windows=windows)
     queries, query_windows = embed_pooled(encoder, [ds.queries[q] for q in query_ids], "query")
     relevant = [{col[d] for d in ds.relevant_docs[q]} for q in query_ids]
-    return EmbeddedDataset(query_ids, doc_ids, queries, docs, relevant, query_windows)
+    negatives = [[col[d] for d in ds.hard_negatives.get(q, ())] for q in query_ids]
+    return EmbeddedDataset(query_ids, doc_ids, queries, docs, relevant, query_windows, negatives)
+
+
+@dataclass(frozen=True)
+class EmbeddedLabelled:
+    """Base vectors of labelled texts and each text's label as an integer.
+
+    Attributes:
+        vectors: ``(n, d)`` pooled base vectors, normalised.
+        labels: ``(n,)`` int64 index into ``names``.
+        names: The label names.
+    """
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+
+def embed_labelled(encoder: Encoder, ds: LabelledDataset) -> EmbeddedLabelled:
+    """Embed labelled texts (as documents: a long text pooled over its windows)."""
+    names = sorted(set(ds.labels))
+    index = {n: i for i, n in enumerate(names)}
+    vectors, _ = embed_pooled(encoder, ds.texts, "document")
+    return EmbeddedLabelled(vectors, np.array([index[label] for label in ds.labels], dtype=np.int64), names)
 
 
 def windowed_scores(queries: np.ndarray, docs: WindowedVectors, chunk: int = 1024) -> np.ndarray:
