@@ -367,6 +367,14 @@ class CollectionsController(Controller):
         """Delete a collection and its documents (the directory is renamed aside first, then removed)."""
         engine_of(state).collections.delete(name)
 
+    @post("/{name:str}/reindex", opt=ADMIN, status_code=202, responses=errors(401, 403, 404, 409, 429, 503))
+    async def reindex(self, name: NamePath, state: State) -> Response[JobAccepted]:
+        """Re-embed a collection built with another base (``status: base_mismatch``, e.g. after serving a
+        fine-tuned base) from its stored texts onto this server's base, in the background: ``GET /jobs/{id}``
+        shows documents done of total. The new vectors replace the old in one transaction when all are done;
+        until then the collection answers 409 naming the job (its old vectors belong to the other base)."""
+        return accepted(engine_of(state).start_reindex(name))
+
     @post("/{name:str}/documents", opt=ADMIN, status_code=200, responses={202: documented(JobAccepted, "a background job (large upserts)"), **errors(400, 401, 403, 404, 409, 413, 429, 503)})
     async def upsert(self, name: NamePath, data: JSONBody[UpsertRequest], state: State) -> Response[UpsertResponse]:
         """Insert or replace documents by id. Long documents are stored as their windows. Past
@@ -439,7 +447,11 @@ def collection_info(engine: Engine, name: str) -> CollectionInfo:
     mismatched = engine.collections.mismatched()
     if name in mismatched:
         c = mismatched[name]
-        return CollectionInfo(name=name, status="base_mismatch", index=c.index, base_fingerprint=c.base_fingerprint, dim=c.dim, created=c.created)
+        job = engine.collections.reindexing().get(name)
+        return CollectionInfo(
+            name=name, status="base_mismatch" if job is None else "reindexing", index=c.index,
+            base_fingerprint=c.base_fingerprint, dim=c.dim, created=c.created, job=job or None,
+        )
     collection = engine.collection(name)
     docs, windows = collection.counts()
     c = collection.config

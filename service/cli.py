@@ -288,8 +288,7 @@ def cmd_import_llamaindex(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     from embedlift.models.errors import NotFoundError
-    from embedlift.models.windows import embed_documents
-    from embedlift.service.collections import STORE_FILE, DocumentStore, check_name
+    from embedlift.service.collections import STORE_FILE, DocumentStore, check_name, reindex_store
 
     check_name(args.collection)
     path = args.data_dir / "collections" / args.collection / STORE_FILE
@@ -299,16 +298,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     store = DocumentStore(path)
     try:
         before = store.read_config().base_fingerprint
-        ids, texts, _ = store.all_documents()
-        _err(f"re-embedding {len(ids)} documents of {args.collection!r} with {encoder.inner.name}")
-        embedded = embed_documents(encoder, texts)
-        store.replace_all_windows(
-            encoder.fingerprint,
-            [(doc_id, spans, vectors) for doc_id, (spans, vectors) in zip(ids, embedded.per_document(), strict=True)],
-        )
+        docs, _ = store.count()
+        _err(f"re-embedding {docs} documents of {args.collection!r} with {encoder.inner.name}")
+        config, windows = reindex_store(store, encoder)
     finally:
         store.close()
-    _err(f"{args.collection}: {len(ids)} documents, {len(embedded.spans)} windows; base {before} -> {encoder.fingerprint}")
+    _err(f"{args.collection}: {docs} documents, {windows} windows; base {before} -> {config.base_fingerprint}")
     return 0
 
 
@@ -532,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("reindex", help="re-embed a collection's stored texts with another base (e.g. after changing --base)",
-                       description="Run while the server is stopped. Reads the texts from the collection's store, embeds "
-                       "every window with --base, and replaces the stored vectors and the recorded base in one transaction.")
+                       description="Run while the server is stopped (a running server does the same with POST "
+                       "/collections/NAME/reindex). Reads the texts from the collection's store, embeds every window with "
+                       "--base, and replaces the stored vectors and the recorded base in one transaction.")
     r.add_argument("collection", help="collection name")
     r.add_argument("--data-dir", type=Path, default=Path("data"), help="the server's data directory (default ./data)")
     _add_base_options(r)

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
 import msgspec
@@ -43,7 +43,10 @@ import numpy as np
 
 from embedlift.models.adapters import Adapter
 from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
-from embedlift.models.windows import Span, WindowedVectors
+from embedlift.models.windows import Span, WindowedVectors, embed_documents
+
+if TYPE_CHECKING:
+    from embedlift.models.encoders import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -300,22 +303,66 @@ class DocumentStore:
         )
         return [d[1] for d in docs], [d[2] for d in docs], windowed
 
-    def replace_all_windows(self, fingerprint: str, per_doc: Sequence[tuple[str, list[Span], np.ndarray]]) -> None:
-        """Re-index: every document's windows from a new base, and the new fingerprint, in one transaction."""
+    # Re-indexing onto another base: the new windows are staged in a table of their own, batch by batch (a
+    # large collection never sits in memory), then swapped in with the new fingerprint in one transaction. A
+    # crash before the swap leaves the old windows and a staging table that the next re-index drops.
+    def texts(self) -> list[tuple[int, str]]:
+        """Every document's sequence number and text, in order."""
+        with self._lock:
+            return self._db.execute("SELECT seq, text FROM docs ORDER BY seq").fetchall()
+
+    def start_staging(self) -> None:
+        with self._tx() as db:
+            db.execute("DROP TABLE IF EXISTS windows_staged")
+            db.execute(
+                "CREATE TABLE windows_staged (seq INTEGER NOT NULL, window INTEGER NOT NULL, start INTEGER NOT NULL, "
+                "end INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (seq, window)) WITHOUT ROWID"
+            )
+
+    def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray]]) -> None:
+        """Stage the new windows of some documents (by sequence number)."""
+        with self._tx() as db:
+            for seq, spans, vectors in per_doc:
+                db.executemany(
+                    "INSERT INTO windows_staged VALUES (?, ?, ?, ?, ?)",
+                    [(seq, w, a, b, v.astype(np.float32).tobytes()) for w, ((a, b), v) in enumerate(zip(spans, vectors, strict=True))],
+                )
+
+    def swap_staged(self, fingerprint: str, dim: int) -> CollectionConfig:
+        """Replace every window with the staged ones and record the new base, in one transaction."""
         with self._tx() as db:
             config = msgspec.json.decode(
                 db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0], type=CollectionConfig
             )
-            dim = per_doc[0][2].shape[1] if per_doc else config.dim
             db.execute("DELETE FROM windows")
-            for doc_id, spans, vectors in per_doc:
-                seq = db.execute("SELECT seq FROM docs WHERE id = ?", (doc_id,)).fetchone()[0]
-                db.executemany(
-                    "INSERT INTO windows VALUES (?, ?, ?, ?, ?)",
-                    [(seq, w, a, b, v.astype(np.float32).tobytes()) for w, ((a, b), v) in enumerate(zip(spans, vectors, strict=True))],
-                )
+            db.execute("INSERT INTO windows SELECT * FROM windows_staged")
+            db.execute("DROP TABLE windows_staged")
             new = msgspec.structs.replace(config, base_fingerprint=fingerprint, dim=dim)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (msgspec.json.encode(new).decode(),))
+        return new
+
+
+def reindex_store(
+    store: DocumentStore, encoder: Encoder, *, batch: int = 256, report: Callable[[int, int], None] | None = None
+) -> tuple[CollectionConfig, int]:
+    """Re-embed every stored text with ``encoder`` (its windows) and swap the new vectors in atomically.
+
+    Returns:
+        The collection's new config and the number of windows written.
+    """
+    docs = store.texts()
+    store.start_staging()
+    windows = 0
+    if report is not None:
+        report(0, len(docs))
+    for start in range(0, len(docs), batch):
+        part = docs[start : start + batch]
+        embedded = embed_documents(encoder, [text for _, text in part])
+        store.stage_windows([(seq, spans, vectors) for (seq, _), (spans, vectors) in zip(part, embedded.per_document(), strict=True)])
+        windows += len(embedded.spans)
+        if report is not None:
+            report(start + len(part), len(docs))
+    return store.swap_staged(encoder.fingerprint, encoder.dim), windows
 
 
 class _Transaction:
@@ -601,6 +648,7 @@ class CollectionManager:
         self._collections: dict[str, Collection] = {}
         self._mismatched: dict[str, CollectionConfig] = {}
         self._damaged: dict[str, str] = {}  # name -> what is wrong, naming the file
+        self._reindexing: dict[str, str] = {}  # name -> id of the job re-indexing it onto this base
 
     def load_all(self) -> None:
         """Open every collection and build its base index; remove leftovers of interrupted creates/deletes."""
@@ -651,12 +699,15 @@ class CollectionManager:
         with self._lock:
             if name in self._damaged:
                 raise UnavailableError(f"collection {name!r} cannot be served: {self._damaged[name]} (DELETE /collections/{name})")
+            if name in self._reindexing:
+                job = self._reindexing[name]
+                raise ConflictError(f"collection {name!r} is being re-indexed onto this server's base (GET /jobs/{job}); retry when it is done")
             if name in self._mismatched:
                 config = self._mismatched[name]
                 raise ConflictError(
                     f"collection {name!r} was built with base {config.base_fingerprint} but this server runs "
-                    f"{self.fingerprint}; re-index it onto this base: embedlift reindex {name} "
-                    f"--data-dir {self.root.parent} [--base B]"
+                    f"{self.fingerprint}; re-index it onto this base: POST /collections/{name}/reindex (or, with the "
+                    f"server stopped, embedlift reindex {name} --data-dir {self.root.parent} [--base B])"
                 )
             try:
                 return self._collections[name]
@@ -668,6 +719,52 @@ class CollectionManager:
     def mismatched(self) -> dict[str, CollectionConfig]:
         with self._lock:
             return dict(self._mismatched)
+
+    def reindexing(self) -> dict[str, str]:
+        """Collections being re-indexed, with the id of the job doing it."""
+        with self._lock:
+            return dict(self._reindexing)
+
+    def claim_reindex(self, name: str) -> Path:
+        """Mark a collection built with another base as being re-indexed; its store's path.
+
+        Raises:
+            NotFoundError, UnavailableError (damaged), ConflictError (already on this base, or already being
+            re-indexed).
+        """
+        with self._lock:
+            if name in self._damaged:
+                raise UnavailableError(f"collection {name!r} cannot be re-indexed: {self._damaged[name]}")
+            if name in self._reindexing:
+                raise ConflictError(f"collection {name!r} is already being re-indexed (GET /jobs/{self._reindexing[name]})")
+            if name in self._collections:
+                raise ConflictError(f"collection {name!r} is already on this server's base ({self.fingerprint}); nothing to re-index")
+            if name not in self._mismatched:
+                raise NotFoundError(f"unknown collection {name!r}; existing: {sorted([*self._collections, *self._mismatched])}")
+            self._reindexing[name] = ""
+            return self.root / name / STORE_FILE
+
+    def note_reindex_job(self, name: str, job_id: str) -> None:
+        with self._lock:
+            if name in self._reindexing:
+                self._reindexing[name] = job_id
+
+    def finish_reindex(self, name: str) -> Collection:
+        """Serve a collection whose re-index has committed: build its index, then make it visible in one step."""
+        path = self.root / name
+        store = DocumentStore(path / STORE_FILE)
+        collection = Collection(path, store, store.read_config())
+        collection.load()
+        with self._lock:
+            self._mismatched.pop(name, None)
+            self._reindexing.pop(name, None)
+            self._collections[name] = collection
+        return collection
+
+    def abandon_reindex(self, name: str) -> None:
+        """A failed re-index: the collection stays as it was (built with the other base)."""
+        with self._lock:
+            self._reindexing.pop(name, None)
 
     def create(self, name: str, index: IndexKind = "auto", *, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200) -> tuple[Collection, bool]:
         """Create a collection (built in a hidden directory, then renamed into place). Creating one that
@@ -703,6 +800,8 @@ class CollectionManager:
     def delete(self, name: str) -> None:
         """Rename the directory aside (atomic), then remove it."""
         with self._lock:
+            if name in self._reindexing:
+                raise ConflictError(f"collection {name!r} is being re-indexed (GET /jobs/{self._reindexing[name]}); delete it when the job is done")
             collection = self._collections.pop(name, None)
             config = self._mismatched.pop(name, None)
             damaged = self._damaged.pop(name, None)

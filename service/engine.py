@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,7 +25,7 @@ from embedlift.models.errors import InvalidInputError, NotFoundError, Overloaded
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service import metrics
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
-from embedlift.service.collections import Collection, CollectionManager, Filter, Hit, Metadata, NewDocument
+from embedlift.service.collections import Collection, CollectionManager, DocumentStore, Filter, Hit, Metadata, NewDocument, reindex_store
 from embedlift.service.jobs import Job, JobRunner
 from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter
 from embedlift.service.settings import Settings
@@ -60,6 +61,15 @@ class EmbedResult:
 class SearchResult:
     adapter: str
     hits: list[list[Hit]]
+
+
+@dataclass(frozen=True)
+class ReindexResult:
+    collection: str
+    documents: int
+    windows: int
+    previous_base: str
+    base: str
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,37 @@ class Engine:
             if job is not None:
                 job.report(start + len(part), len(documents))
         return UpsertResult(upserted=len(documents), windows=windows, windowed=windowed)
+
+    def start_reindex(self, name: str) -> Job:
+        """Re-embed a collection built with another base onto this server's base, as a background job: the new
+        windows are staged in its store, swapped in with the new fingerprint in one transaction, and the
+        collection is served from then on. Until then it answers 409 naming the job; if the job fails, it is
+        left as it was. Refused at once (404, 409, 503) when the collection cannot be re-indexed."""
+        path = self.collections.claim_reindex(name)
+        try:
+            job = self.jobs.submit("reindex", lambda job: self._reindex(name, path, job))
+        except BaseException:
+            self.collections.abandon_reindex(name)
+            raise
+        self.collections.note_reindex_job(name, job.id)
+        return job
+
+    def _reindex(self, name: str, path: Path, job: Job) -> ReindexResult:
+        store = DocumentStore(path)
+        try:
+            before = store.read_config().base_fingerprint
+            config, windows = reindex_store(store, self.bulk_encoder, batch=self.settings.upsert_batch, report=job.report)
+        except BaseException:
+            self.collections.abandon_reindex(name)
+            raise
+        finally:
+            store.close()
+        collection = self.collections.finish_reindex(name)
+        for adapter in self.adapters():
+            if adapter.checkpoint.config.apply_to == "both":
+                collection.ensure_view(adapter.label, adapter.checkpoint.adapter)
+        documents, _ = collection.counts()
+        return ReindexResult(collection=name, documents=documents, windows=windows, previous_base=before, base=config.base_fingerprint)
 
     def search(
         self, name: str, queries: Sequence[str], k: int, adapter: str | None = None, where: Filter | None = None

@@ -167,7 +167,7 @@ class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 class CollectionInfo(msgspec.Struct, kw_only=True):
     name: str
-    status: Literal["ready", "base_mismatch", "damaged"]
+    status: Literal["ready", "base_mismatch", "reindexing", "damaged"]
     index: str | None = None
     base_fingerprint: str | None = None
     dim: int | None = None
@@ -176,6 +176,7 @@ class CollectionInfo(msgspec.Struct, kw_only=True):
     documents: int | None = None
     windows: int | None = None
     searching_with: Literal["flat", "hnsw"] | None = None  # with ``index: auto``, which one serves now
+    job: str | None = None  # with ``reindexing``: the job re-indexing it (``GET /jobs/{job}`` shows progress)
 
 
 class CollectionList(msgspec.Struct, kw_only=True):
