@@ -35,8 +35,13 @@ class QADataset(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     mode: str = "text"
     hard_negatives: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
+    def to_builtins(self) -> dict[str, Any]:
+        """LlamaIndex's keys (``mode`` included), plus ``hard_negatives`` only when there are some."""
+        body: dict[str, Any] = {"queries": self.queries, "corpus": self.corpus, "relevant_docs": self.relevant_docs, "mode": self.mode}
+        return body | ({"hard_negatives": self.hard_negatives} if self.hard_negatives else {})
+
     def to_json(self) -> bytes:
-        return msgspec.json.encode(self)
+        return msgspec.json.encode(self.to_builtins())
 
     def summary(self) -> str:
         return f"{len(self.queries)} queries, {len(self.corpus)} documents"

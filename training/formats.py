@@ -351,7 +351,7 @@ def dataset_bytes(ds: AnyDataset, fmt: Format, *, drop_unreferenced: bool = Fals
     if fmt == "labelled":
         raise DatasetError("a query/passage dataset has no labels; write it as llamaindex, pairs, cohere or csv")
     if fmt == "llamaindex":
-        return json.dumps(msgspec.to_builtins(ds), indent=1, ensure_ascii=False).encode() + b"\n"
+        return json.dumps(ds.to_builtins(), indent=1, ensure_ascii=False).encode() + b"\n"
     if (lost := unreferenced(ds)) and not drop_unreferenced:
         raise DatasetError(
             f"{len(lost)} corpus documents are named by no query (e.g. {lost[0]!r}); {fmt} has no line for them. "
