@@ -156,6 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from embedlift.training.formats import LabelledDataset
     from embedlift.training.retrieval import embed_labelled
 
+    from embedlift.models.adapters import adapter_kinds
+
+    if args.kind not in (kinds := adapter_kinds()):  # before minutes of embedding, not after
+        raise InvalidInputError(f"--kind must be one of {sorted(kinds)} (custom kinds: an installed package's 'embedlift.adapters' entry point), got {args.kind!r}")
     train_ds, val_ds, val_how = _train_val(args)
     labelled = isinstance(train_ds, LabelledDataset)
     # labelled texts are both what is searched for and what is searched: the adapter must move both sides
