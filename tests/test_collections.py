@@ -169,6 +169,52 @@ def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
     assert [h.id for h in c.search(q, 3)[0]] == expected
 
 
+class FailingEncoder:
+    """The real encoder that fails on its n-th call: a re-index that dies half-way."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        self.inner, self.calls, self.fail_at = inner, 0, fail_at
+        self.fingerprint, self.dim = inner.fingerprint, inner.dim
+
+    def split(self, texts, role):
+        return self.inner.split(texts, role)
+
+    def encode(self, texts, role):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("killed mid re-index")
+        return self.inner.encode(texts, role)
+
+
+def test_a_failed_reindex_leaves_the_last_good_state(encoder, tmp_path):
+    """Staged windows are swapped in by one transaction: a re-index that dies after some batches leaves the
+    old vectors and base; the next one completes and serves."""
+    from embedlift.service.collections import STORE_FILE, DocumentStore, reindex_store
+
+    root = tmp_path / "collections"
+    other = CollectionManager(root, "other-model:0123456789abcdef", encoder.dim)
+    other.load_all()
+    c, _ = other.create("docs")
+    c.upsert(documents(encoder, corpus(12)))
+    other.close()
+    store = DocumentStore(root / "docs" / STORE_FILE)
+    before = store.iter_windows().__next__()
+    with pytest.raises(RuntimeError, match="killed mid re-index"):
+        reindex_store(store, FailingEncoder(encoder, fail_at=2), batch=4)
+    assert store.read_config().base_fingerprint == "other-model:0123456789abcdef"
+    after = store.iter_windows().__next__()
+    assert (before[0] == after[0]).all() and (before[1] == after[1]).all()
+    progress = []
+    config, windows = reindex_store(store, encoder, batch=4, report=lambda done, total: progress.append((done, total)))
+    assert config.base_fingerprint == encoder.fingerprint and windows == 12
+    assert progress == [(0, 12), (4, 12), (8, 12), (12, 12)]
+    store.close()
+    manager = CollectionManager(root, encoder.fingerprint, encoder.dim)
+    manager.load_all()
+    q, _ = embed_pooled(encoder, ["insurance costs"], "query")
+    assert [h.id for h in manager.get("docs").search(q, 3)[0]] == brute_force(encoder, corpus(12), "insurance costs", 3)[0]
+
+
 CRASHER = textwrap.dedent(
     """
     import sys, numpy as np

@@ -224,7 +224,7 @@ def finetune(
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=min(settings.batch_size, n_rows),
             learning_rate=settings.lr,
-            warmup_ratio=settings.warmup_ratio,
+            warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the steps (transformers 5)
             batch_sampler=sampler,
             eval_strategy=strategy,
             save_strategy=strategy,
