@@ -120,18 +120,23 @@ def parse_dataset(data: bytes | str, source: str = "dataset") -> QADataset:
     return validate(ds, source)
 
 
+def read_dataset_file(path: Path, what: str = "the JSON file") -> bytes:
+    """A dataset file's bytes; a missing file, a directory or an unreadable file is a ``DatasetError``
+    naming the path (``what`` says what to pass instead of a directory)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"dataset file {path} does not exist") from None
+    except IsADirectoryError:
+        raise DatasetError(f"dataset path {path} is a directory; pass {what}") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset file {path}: {exc.strerror}") from exc
+
+
 def load_dataset(path: str | os.PathLike[str]) -> QADataset:
     """Read and validate a dataset file."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file {p} does not exist") from None
-    except IsADirectoryError:
-        raise DatasetError(f"dataset path {p} is a directory; pass the JSON file") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset file {p}: {exc.strerror}") from exc
-    return parse_dataset(data, str(p))
+    return parse_dataset(read_dataset_file(p), str(p))
 
 
 def subset(ds: QADataset, query_ids: Iterable[str], doc_ids: Iterable[str] | None = None) -> QADataset:

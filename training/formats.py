@@ -35,7 +35,7 @@ import msgspec
 
 from embedlift.models.checkpoint import atomic_write
 from embedlift.models.errors import DatasetError
-from embedlift.training.dataset import QADataset, load_dataset, validate
+from embedlift.training.dataset import QADataset, load_dataset, read_dataset_file, validate
 
 Format = Literal["llamaindex", "pairs", "cohere", "labelled", "csv"]
 FORMATS: tuple[Format, ...] = ("llamaindex", "pairs", "cohere", "labelled", "csv")
@@ -188,20 +188,9 @@ def detect_format(path: Path) -> Format:
     raise DatasetError(f"{path} has no lines")
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file {path} does not exist") from None
-    except IsADirectoryError:
-        raise DatasetError(f"dataset path {path} is a directory; pass the file") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset file {path}: {exc.strerror}") from exc
-
-
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """Non-blank lines with their 1-based numbers."""
-    for number, line in enumerate(_read_bytes(path).splitlines(), start=1):
+    for number, line in enumerate(read_dataset_file(path, "the file").splitlines(), start=1):
         if line.strip():
             yield number, line
 
@@ -286,7 +275,7 @@ _CSV_COLUMNS = ({"query", "positive"}, {"query", "positive", "negative"}, {"text
 
 def _read_csv(path: Path) -> AnyDataset:
     try:
-        text = _read_bytes(path).decode("utf-8-sig")
+        text = read_dataset_file(path, "the file").decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path} is not UTF-8 text: {exc}") from None
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
