@@ -96,6 +96,7 @@ def test_llamaindex_json_without_negatives_stays_llamaindex(tmp_path):
         ("e.jsonl", '{"query": "q", "relevant_passages": []}\n', r"e\.jsonl:1: field 'relevant_passages' is empty"),
         ("f.jsonl", '{"query": "q", "relevant_passages": ["a", ""], "hard_negatives": ["b"]}\n', r"f\.jsonl:1: field 'relevant_passages\[1\]' is empty"),
         ("g.jsonl", '{"query": "q", "positive": "p", "negative": "p"}\n', r"g\.jsonl:1: a negative is the same text as a positive"),
+        ("g2.jsonl", '{"query": "q", "positive": "p", "negative": "n"}\n{"query": "q", "positive": "n"}\n', r"g2\.jsonl:2: a positive is the same text as a negative of this query on an earlier line"),
         ("h.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', r"h\.jsonl:2: field 'label': Expected `int \| str`, got `null`"),
         ("i.csv", "query,positive\nq,p\nq\n", r"i\.csv:3: the row has 1 values, not 2"),
         ("j.csv", "question,answer\nq,p\n", r"j\.csv:1: the header has columns \['answer', 'question'\]"),

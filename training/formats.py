@@ -138,10 +138,12 @@ class _QABuilder:
             self.queries[self._qid[query]] = query
         qid = self._qid[query]
         rel = self.relevant.setdefault(qid, [])
-        for text in positives:
-            if (d := self._doc(text)) not in rel:
-                rel.append(d)
         neg = self.negatives.setdefault(qid, [])
+        for text in positives:
+            if (d := self._doc(text)) in neg:
+                raise DatasetError(f"{where}: a positive is the same text as a negative of this query on an earlier line")
+            if d not in rel:
+                rel.append(d)
         for text in negatives:
             d = self._doc(text)
             if d in rel:
@@ -151,9 +153,6 @@ class _QABuilder:
 
     def build(self, source: str) -> QADataset:
         negatives = {q: n for q, n in self.negatives.items() if n}
-        overlap = [q for q, n in negatives.items() if set(n) & set(self.relevant[q])]
-        if overlap:
-            raise DatasetError(f"{source}: query {self.queries[overlap[0]]!r} lists one text as both positive and negative on different lines")
         return validate(QADataset(queries=self.queries, corpus=self.corpus, relevant_docs=self.relevant, hard_negatives=negatives), source)
 
 
