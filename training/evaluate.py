@@ -102,7 +102,8 @@ def triplet_accuracy(data: EmbeddedDataset, adapter: Adapter | None = None) -> d
     for i, negatives in enumerate(data.negatives):
         if not negatives:
             continue
-        right = [closeness(i, p) > closeness(i, n) for p in sorted(data.relevant[i]) for n in negatives]
+        positives = [closeness(i, p) for p in sorted(data.relevant[i])]
+        right = [p > n for n in (closeness(i, d) for d in negatives) for p in positives]
         for m, frac in zip(TRIPLET_METRICS, np.mean(right, axis=0), strict=True):
             out[m].append(float(frac))
     return {m: np.array(v) for m, v in out.items()}
