@@ -35,9 +35,8 @@ from embedlift.models.checkpoint import replace_dir
 from embedlift.models.encoders import LocalEncoder
 from embedlift.models.errors import InvalidInputError
 from embedlift.training.dataset import QADataset
-from embedlift.training.fit import SELECTION_METRIC
+from embedlift.training.fit import SELECTION_METRIC, evaluate_adapter
 from embedlift.training.formats import LabelledDataset
-from embedlift.training.metrics import mean_metrics, per_query_metrics
 from embedlift.training.retrieval import EmbeddedDataset, embed_dataset
 
 logger = logging.getLogger(__name__)
@@ -122,8 +121,7 @@ def _require_training_packages() -> None:
 
 def windowed_metrics(encoder: LocalEncoder, val: QADataset) -> dict[str, float]:
     """``embedlift eval``'s metrics of ``encoder``'s current weights on ``val`` (no cache: the weights move)."""
-    data = embed_dataset(encoder, val)
-    return mean_metrics(per_query_metrics(data.scores(None), data.doc_ids, data.relevant))
+    return evaluate_adapter(embed_dataset(encoder, val), None)
 
 
 def _evaluator(encoder: LocalEncoder, val: QADataset):
