@@ -92,9 +92,13 @@ class WindowedVectors:
         counts = np.bincount(self.owner, minlength=self.n_docs)
         return int((counts > 1).sum())
 
+    def bounds(self) -> np.ndarray:
+        """``(n_docs + 1,)`` window offsets: document ``i``'s windows are ``bounds[i]:bounds[i + 1]``."""
+        return np.r_[0, np.cumsum(np.bincount(self.owner, minlength=self.n_docs))]
+
     def per_document(self) -> list[tuple[list[Span], np.ndarray]]:
         """Each document's window spans and vectors, in document order (its windows are contiguous)."""
-        bounds = np.r_[0, np.cumsum(np.bincount(self.owner, minlength=self.n_docs))]
+        bounds = self.bounds()
         return [(self.spans[a:b], self.vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def map(self, vectors: np.ndarray) -> WindowedVectors:

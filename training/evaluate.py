@@ -86,7 +86,7 @@ def triplet_accuracy(data: EmbeddedDataset, adapter: Adapter | None = None) -> d
     distance. Vectors as the model gives them (an adapter's output not normalised), as TripletEvaluator does."""
     q = data.queries if adapter is None else adapter.transform_query(data.queries, normalize=False)
     w = data.docs.vectors if adapter is None else adapter.transform_document(data.docs.vectors, normalize=False)
-    start = np.searchsorted(data.docs.owner, np.arange(data.docs.n_docs + 1))
+    start = data.docs.bounds()
     qn = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
     wn = w / np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)
 

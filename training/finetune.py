@@ -145,11 +145,10 @@ def _evaluator(encoder: LocalEncoder, val: QADataset):
     return EmbedliftEvaluator()
 
 
-def _best_window(data: EmbeddedDataset, texts: dict[str, str], query: int, doc: int) -> str:
+def _best_window(data: EmbeddedDataset, bounds: np.ndarray, texts: dict[str, str], query: int, doc: int) -> str:
     """The text of the window of document ``doc`` that scores best against query ``query`` under the base."""
-    start = np.searchsorted(data.docs.owner, [doc, doc + 1])
-    scores = data.docs.vectors[start[0] : start[1]] @ data.queries[query]
-    a, b = data.docs.spans[start[0] + int(np.argmax(scores))]
+    scores = data.docs.vectors[bounds[doc] : bounds[doc + 1]] @ data.queries[query]
+    a, b = data.docs.spans[bounds[doc] + int(np.argmax(scores))]
     return texts[data.doc_ids[doc]][a:b]
 
 
@@ -159,12 +158,13 @@ def pair_rows(train: QADataset, data: EmbeddedDataset, max_negatives: int) -> tu
     else the fewest any query has (a column must be filled on every row)."""
     k = min([max_negatives, *(len(n) for n in data.negatives)]) if max_negatives else 0
     columns: dict[str, list[str]] = {"anchor": [], "positive": [], **{f"negative_{j + 1}": [] for j in range(k)}}
+    bounds = data.docs.bounds()
     for i, rel in enumerate(data.relevant):
         for doc in sorted(rel):
             columns["anchor"].append(train.queries[data.query_ids[i]])
-            columns["positive"].append(_best_window(data, train.corpus, i, doc))
+            columns["positive"].append(_best_window(data, bounds, train.corpus, i, doc))
             for j in range(k):
-                columns[f"negative_{j + 1}"].append(_best_window(data, train.corpus, i, data.negatives[i][j]))
+                columns[f"negative_{j + 1}"].append(_best_window(data, bounds, train.corpus, i, data.negatives[i][j]))
     return columns, k
 
 

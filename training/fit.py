@@ -149,7 +149,7 @@ class _Candidates:
         self.sample = self.n_docs > settings.max_candidate_docs
         self.settings, self.rng = settings, rng
         self.negatives = data.negatives
-        self.window_start = np.searchsorted(self.owner, np.arange(self.n_docs + 1))
+        self.window_start = data.docs.bounds()
 
     def pick(self, query_idx: np.ndarray, positives: np.ndarray) -> np.ndarray:
         if not self.sample:

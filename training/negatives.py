@@ -96,7 +96,7 @@ def mine(ds: QADataset, data: EmbeddedDataset, settings: MiningSettings) -> tupl
     scores = data.scores(None)  # (n_queries, n_docs)
     report = MiningReport(queries=len(data.query_ids))
     negatives: dict[str, list[str]] = {q: list(n) for q, n in ds.hard_negatives.items()}
-    window_start = np.searchsorted(data.docs.owner, np.arange(data.docs.n_docs + 1))
+    window_start = data.docs.bounds()
 
     def windows(doc: int) -> np.ndarray:
         return data.docs.vectors[window_start[doc] : window_start[doc + 1]]
