@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from embedlift.models.adapters import APPLY_TO, Adapter, AdapterConfig, adapter_kinds, build_adapter
+from embedlift.models.adapters import APPLY_TO, ENTRY_POINT_GROUP, Adapter, AdapterConfig, adapter_kinds, build_adapter
 from embedlift.models.encoders import backend_of, model_identity
 from embedlift.models.errors import BaseMismatchError, CheckpointError, InvalidInputError
 
@@ -204,7 +204,7 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
     if config.kind not in (kinds := adapter_kinds()):
         raise CheckpointError(
             f"{cfg_file}: unknown adapter kind {config.kind!r}; known: {sorted(kinds)}. A custom kind needs the package "
-            "that registers it (entry point group 'embedlift.adapters') installed where the checkpoint is loaded"
+            f"that registers it (entry point group {ENTRY_POINT_GROUP!r}) installed where the checkpoint is loaded"
         )
     if config.apply_to not in APPLY_TO:
         raise CheckpointError(f"{cfg_file}: apply_to must be one of {list(APPLY_TO)}, got {config.apply_to!r}")

@@ -156,10 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from embedlift.training.formats import LabelledDataset
     from embedlift.training.retrieval import embed_labelled
 
-    from embedlift.models.adapters import adapter_kinds
+    from embedlift.models.adapters import ENTRY_POINT_GROUP, adapter_kinds
 
     if args.kind not in (kinds := adapter_kinds()):  # before minutes of embedding, not after
-        raise InvalidInputError(f"--kind must be one of {sorted(kinds)} (custom kinds: an installed package's 'embedlift.adapters' entry point), got {args.kind!r}")
+        raise InvalidInputError(f"--kind must be one of {sorted(kinds)} (custom kinds: an installed package's {ENTRY_POINT_GROUP!r} entry point), got {args.kind!r}")
     train_ds, val_ds, val_how = _train_val(args)
     labelled = isinstance(train_ds, LabelledDataset)
     # labelled texts are both what is searched for and what is searched: the adapter must move both sides
@@ -381,10 +381,11 @@ def _write_generated(dataset: dict[str, Any], args: argparse.Namespace, atomic_w
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
+    from embedlift.training.dataset import QADataset
     from embedlift.training.formats import read_dataset, unreferenced, write_dataset
 
     ds = read_dataset(args.source, args.format)
-    dropped = len(unreferenced(ds)) if args.drop_unreferenced and hasattr(ds, "corpus") else 0
+    dropped = len(unreferenced(ds)) if args.drop_unreferenced and isinstance(ds, QADataset) else 0
     fmt = write_dataset(ds, args.out, args.to, drop_unreferenced=args.drop_unreferenced)
     _err(f"{args.source} ({ds.summary()}) -> {args.out} ({fmt})" + (f"; {dropped} documents no query names left out" if dropped else ""))
     return 0
