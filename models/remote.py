@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from embedlift.models.encoders import Encoder, Role
 from embedlift.models.errors import InvalidInputError, RemoteError
+from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span, normalize, plan_windows
 
 PREFIX = "openai:"
@@ -159,6 +160,13 @@ class OpenAIEncoder(Encoder):
     def set_dim(self, dim: int) -> None:
         """The dimension as the base-embedding cache knows it (saves the probe call)."""
         self._dim = dim
+
+    @property
+    def spec(self) -> BaseSpec:
+        return BaseSpec(
+            model=self.name, query_prompt=self._prompts["query"], document_prompt=self._prompts["document"],
+            base_url=self.base_url, dimensions=self.dimensions, tokenizer=self.tokenizer_name, max_input_tokens=self.max_input_tokens,
+        )
 
     def prompt(self, role: Role) -> str:
         return self._prompts[role]

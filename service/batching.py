@@ -28,6 +28,7 @@ import numpy as np
 
 from embedlift.models.encoders import Encoder, Role
 from embedlift.models.errors import OverloadedError, UnavailableError
+from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span
 from embedlift.service import metrics
 
@@ -211,10 +212,14 @@ class BatchedEncoder(Encoder):
 
     @property
     def needs_dim(self) -> bool:
-        return bool(getattr(self.inner, "needs_dim", False))
+        return self.inner.needs_dim
 
     def set_dim(self, dim: int) -> None:
-        self.inner.set_dim(dim)  # type: ignore[attr-defined]
+        self.inner.set_dim(dim)
+
+    @property
+    def spec(self) -> BaseSpec:
+        return self.inner.spec
 
     def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
         return self.queue.submit(texts, role, self.priority).result()

@@ -1,41 +1,65 @@
-"""The service's plain-Python engine: base encoder + cache, adapter registry, collections, evaluation, jobs.
+"""The engine: the one API of the service, called by the HTTP controllers, the CLI and the tests.
 
-HTTP controllers only check limits, call one engine method and shape the answer (infinity's split), so every
-behaviour here is testable without a server. A request resolves its adapter once, at its start, and uses
-that object to the end: swapping the active adapter replaces one reference under a lock and never changes
-what an in-flight request computes.
+It owns the base encoder (behind one dynamic batching queue and two caches of base vectors), the adapter
+registry, the collections and the background jobs, and it checks every request limit. Methods that do model
+or store work are ``async``: their blocking part runs off the event loop through one helper (``_offload``),
+and model work is admitted or refused with 429 at once (``Admission``), never queued without bound.
+
+A request resolves its adapter once, at its start, and uses that object to the end: swapping the active
+adapter replaces one reference under a lock and never changes what an in-flight request computes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
 
 from embedlift.models.cache import CachedEncoder, EmbeddingCache, MemoryCache
-from embedlift.models.encoders import Encoder, Role, load_encoder
+from embedlift.models.checkpoint import CheckpointError, base_info, read_config
+from embedlift.models.encoders import Encoder, Role
 from embedlift.models.errors import InvalidInputError, NotFoundError, OverloadedError
+from embedlift.models.spec import BaseSpec, load_base
 from embedlift.models.windows import embed_documents, embed_pooled
-from embedlift.service import metrics
+from embedlift.service import limits, metrics
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
-from embedlift.service.collections import Collection, CollectionManager, DocumentStore, Filter, Hit, Metadata, NewDocument, reindex_store
-from embedlift.service.jobs import Job, JobRunner
-from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter
+from embedlift.service.collections import Collection, CollectionManager, Filter, NewDocument, check_name, reindex, valid_name
+from embedlift.service.jobs import Job, JobRunner, JobStore
+from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter, RegistryFile, RegistryStateStore
+from embedlift.service.schemas import (
+    CollectionCreate,
+    CollectionInfo,
+    EvalDataset,
+    DatasetList,
+    DeleteResponse,
+    Document,
+    EvalRequest,
+    EvalResponse,
+    SearchHit,
+    SearchResponse,
+    SearchResult,
+    StoredDataset,
+    StoredDocument,
+    UpsertResponse,
+)
 from embedlift.service.settings import Settings
-from embedlift.training.dataset import QADataset
+from embedlift.training.dataset import QADataset, load_dataset, validate
 from embedlift.training.evaluate import Comparison, compare
 from embedlift.training.retrieval import EmbeddedDataset, embed_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE", "Engine", "EmbedResult", "LoadedAdapter"]
+__all__ = ["BASE", "EmbedResult", "Engine", "LoadedAdapter"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,25 +82,12 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
-class SearchResult:
-    adapter: str
-    hits: list[list[Hit]]
-
-
-@dataclass(frozen=True)
 class ReindexResult:
     collection: str
     documents: int
     windows: int
     previous_base: str
     base: str
-
-
-@dataclass(frozen=True)
-class UpsertResult:
-    upserted: int
-    windows: int
-    windowed: int
 
 
 class Admission:
@@ -99,19 +110,39 @@ class Admission:
             self._in_flight -= 1
 
 
+def served_spec(settings: Settings, state: RegistryStateStore) -> BaseSpec:
+    """The base to serve: the base options given, with the identity fields they leave unset (prompts, sequence
+    limit, ...) taken from the adapter the server will activate (``--adapter``, else the remembered active one),
+    so an adapter trained with ``--query-prompt`` is served without repeating it."""
+    name = settings.adapter or state.peek_active()
+    if name in (None, BASE) or not valid_name(name):
+        return settings.base
+    try:
+        recorded = read_config(settings.adapters_dir / name).base.base_spec()
+    except CheckpointError:
+        return settings.base  # the registry reports it when it loads
+    if recorded is None:
+        return settings.base
+    filled = settings.base.fill_from(recorded)
+    if taken := [f for f in filled.given() if f not in settings.base.given()]:
+        logger.info("base settings taken from adapter %s: %s", name, filled.as_flags(taken))
+    return filled
+
+
 class Engine:
-    """Owns the base encoder, the adapters and the collections; thread-safe.
+    """Owns the base encoder, the adapters, the collections and the jobs; thread-safe.
 
     Every model call goes through one ``BatchQueue`` (dynamic batching). Requests read and fill a bounded
     in-memory cache of base vectors (a hit skips the queue and the model); background work (upserts,
-    evaluations) reads and fills the persistent cache, and yields the model to requests.
+    evaluations, re-indexes) reads and fills the persistent cache, and yields the model to requests.
 
     Args:
         base: The base encoder.
         registry: The adapter registry (already loaded).
-        collections: The collections (already loaded), or ``None`` for an engine without any.
+        collections: The collections (already loaded), or ``None`` for an engine over ``settings.data_dir``.
         settings: Limits, batching and cache sizes.
         bulk_cache: The persistent base-embedding cache for background work (``None``: none).
+        jobs: Where jobs are kept (default: in memory).
     """
 
     def __init__(
@@ -122,6 +153,7 @@ class Engine:
         settings: Settings | None = None,
         *,
         bulk_cache: EmbeddingCache | None = None,
+        jobs: JobStore | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
         self.registry = registry
@@ -130,8 +162,8 @@ class Engine:
         self.bulk_encoder = CachedEncoder(BatchedEncoder(self.batcher, BULK), bulk_cache, progress=False)
         memory = MemoryCache(s.cache_mb << 20) if s.cache_mb > 0 else None
         self.encoder = CachedEncoder(BatchedEncoder(self.batcher, INTERACTIVE), memory, progress=False)
-        self.collections = collections or CollectionManager(s.data_dir / "collections", base.fingerprint, base.dim)
-        self.jobs = JobRunner()
+        self.collections = collections or CollectionManager(s.data_dir / "collections", base.fingerprint, base.dim, base.spec)
+        self.jobs = JobRunner(jobs)
         self.admission = Admission(s.max_concurrent)
         registry.on_change = self._prepare_views
         metrics.track_engine(self)
@@ -140,20 +172,14 @@ class Engine:
     def from_settings(cls, settings: Settings, *, watch: bool = True) -> Engine:
         """Load the base, open the caches, registry and collections under ``data_dir``."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        base = load_encoder(
-            settings.base, batch_size=settings.batch_size, base_url=settings.base_url,
-            api_key=settings.openai_api_key, dimensions=settings.dimensions, progress=False,
-            backend=settings.backend, threads=settings.threads,
-        )
+        state = RegistryFile(settings.data_dir / "registry.json")
+        base = load_base(served_spec(settings, state), api_key=settings.openai_api_key)
         bulk_cache = EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
-        if getattr(base, "needs_dim", False) and (known := bulk_cache.dim_of(base.fingerprint)):
-            base.set_dim(known)  # type: ignore[attr-defined]  # a remote base's dimension without a probe call
-        collections = CollectionManager(settings.data_dir / "collections", base.fingerprint, base.dim)
+        if base.needs_dim and (known := bulk_cache.dim_of(base.fingerprint)):
+            base.set_dim(known)  # a remote base's dimension without a probe call
+        collections = CollectionManager(settings.data_dir / "collections", base.fingerprint, base.dim, base.spec)
         collections.load_all()
-        registry = AdapterRegistry(
-            settings.adapters_dir, settings.data_dir / "registry.json", base.fingerprint,
-            allow_backend_mismatch=settings.allow_backend_mismatch,
-        )
+        registry = AdapterRegistry(settings.adapters_dir, state, base_info(base), allow_backend_mismatch=settings.allow_backend_mismatch)
         engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache)
         registry.load(settings.adapter)
         if watch and settings.watch_interval > 0:
@@ -168,6 +194,16 @@ class Engine:
         if isinstance(self.bulk_encoder.cache, EmbeddingCache):
             self.bulk_encoder.cache.close()
 
+    async def _offload(self, fn: Callable[..., T], *args: Any, model: bool = False, **kwargs: Any) -> T:
+        """Run blocking work on a worker thread so the event loop keeps answering; ``model`` work is admitted
+        first (429 at once past ``max_concurrent`` requests in progress)."""
+        call = functools.partial(fn, *args, **kwargs)
+        if not model:
+            return await asyncio.to_thread(call)
+        with self.admission:
+            return await asyncio.to_thread(call)
+
+    # ------------------------------------------------------------------------------------------ facts
     @property
     def base(self) -> Encoder:
         return self.batcher.encoder
@@ -180,23 +216,20 @@ class Engine:
         return self.registry.all()
 
     def resolve(self, name: str | None) -> LoadedAdapter | None:
+        """``None``: the active adapter (or none); ``base``: none; else the named one (404 listing the names)."""
         return self.registry.resolve(name)
 
-    def _prepare_views(self, adapter: LoadedAdapter) -> None:
-        """Before an ``apply_to: both`` adapter is served, build its document view of every collection."""
-        if adapter.checkpoint.config.apply_to != "both":
-            return
-        for collection in self.collections.all():
-            collection.ensure_view(adapter.label, adapter.checkpoint.adapter)
+    def job(self, job_id: str) -> Job:
+        return self.jobs.get(job_id)
 
     # ------------------------------------------------------------------------------------------ embed
-    def embed(
+    async def embed(
         self,
         texts: Sequence[str],
         role: Role,
         adapter: str | None = None,
         *,
-        normalize_output: bool = True,
+        normalize: bool = True,
         truncate: bool = False,
         return_windows: bool = False,
     ) -> EmbedResult:
@@ -206,8 +239,14 @@ class Engine:
         dropped) unless ``truncate`` asks for its first window only; ``return_windows`` also returns every
         window's own vector and span.
         """
+        limits.check_texts(texts, self.settings)
         chosen = self.resolve(adapter)
-        transform = self._transform(chosen, role, normalize_output)
+        return await self._offload(self._embed, texts, role, chosen, normalize, truncate, return_windows, model=True)
+
+    def _embed(
+        self, texts: Sequence[str], role: Role, chosen: LoadedAdapter | None, normalize: bool, truncate: bool, return_windows: bool
+    ) -> EmbedResult:
+        transform = self._transform(chosen, role, normalize)
         spans = self.encoder.split(texts, role)
         window_vectors = None
         if truncate:
@@ -231,61 +270,133 @@ class Engine:
         )
 
     @staticmethod
-    def _transform(chosen: LoadedAdapter | None, role: Role, normalize_output: bool):
+    def _transform(chosen: LoadedAdapter | None, role: Role, normalize: bool) -> Callable[[np.ndarray], np.ndarray]:
         if chosen is None:
             return lambda v: v  # base vectors come normalised from the encoder
         a = chosen.checkpoint.adapter
         apply = a.transform_query if role == "query" else a.transform_document
-        return lambda v: apply(v, normalize=normalize_output)
+        return lambda v: apply(v, normalize=normalize)
 
     # ------------------------------------------------------------------------------------ collections
     def collection(self, name: str) -> Collection:
+        """A collection that can serve (404 unknown, 409 another base or re-indexing, 503 damaged)."""
         return self.collections.get(name)
 
-    def upsert(self, name: str, documents: Sequence[tuple[str, str, Metadata]], job: Job | None = None) -> UpsertResult:
-        """Embed every window of each document (base, cached) and store them; batch by batch, so a bulk upsert
+    def collection_info(self, name: str) -> CollectionInfo:
+        """A collection's status, settings and counts; a damaged or mismatched one says so instead of failing."""
+        manager = self.collections
+        if (problem := manager.damaged().get(name)) is not None:
+            return CollectionInfo(name=name, status="damaged", problem=problem)
+        if (c := manager.mismatched().get(name)) is not None:
+            job = manager.reindexing().get(name)
+            return CollectionInfo(
+                name=name, status="base_mismatch" if job is None else "reindexing", index=c.index,
+                base_fingerprint=c.base_fingerprint, dim=c.dim, created=c.created, job=job or None,
+            )
+        collection = self.collection(name)
+        docs, windows = collection.counts()
+        config = collection.config
+        return CollectionInfo(
+            name=name, status="ready", index=config.index, base_fingerprint=config.base_fingerprint, dim=config.dim,
+            created=config.created, documents=docs, windows=windows, searching_with=collection.kind,  # type: ignore[arg-type]
+        )
+
+    def collections_info(self) -> list[CollectionInfo]:
+        return [self.collection_info(n) for n in self.collections.names()]
+
+    async def create_collection(self, name: str, spec: CollectionCreate | None = None) -> tuple[CollectionInfo, bool]:
+        """Create a collection (idempotent: the same settings again is ``False``; other settings, 409)."""
+        s = spec or CollectionCreate()
+        _, created = await self._offload(
+            self.collections.create, name, s.index, hnsw_m=s.hnsw_m, ef_search=s.ef_search, ef_construction=s.ef_construction
+        )
+        return self.collection_info(name), created
+
+    async def delete_collection(self, name: str) -> None:
+        await self._offload(self.collections.delete, name)
+
+    async def get_document(self, name: str, doc_id: str) -> StoredDocument:
+        found = await self._offload(self.collection(name).get, doc_id)
+        if found is None:
+            raise NotFoundError(f"no document {doc_id!r} in collection {name!r}")
+        return found
+
+    async def delete_documents(self, name: str, ids: Sequence[str]) -> DeleteResponse:
+        """Delete documents by id; ids not in the collection are listed in ``missing``."""
+        missing = await self._offload(self.collection(name).delete, ids)
+        return DeleteResponse(deleted=len(set(ids)) - len(set(missing)), missing=missing)
+
+    async def upsert(self, name: str, documents: Sequence[Document]) -> UpsertResponse | Job:
+        """Insert or replace documents; past ``sync_upsert_documents`` documents it runs as a background job."""
+        limits.check_documents(documents, self.settings)
+        self.collection(name)  # 404/409 before any work
+        if len(documents) > self.settings.sync_upsert_documents:
+            return self.jobs.submit("upsert", lambda job: self._upsert(name, documents, job), total=len(documents))
+        return await self._offload(self._upsert, name, documents, model=True)
+
+    def _upsert(self, name: str, documents: Sequence[Document], job: Job | None = None) -> UpsertResponse:
+        """Embed every window of each document (base, cached) and store them, batch by batch, so a bulk upsert
         commits as it goes and reports progress."""
         collection = self.collection(name)
-        ids = [d[0] for d in documents]
-        if len(set(ids)) != len(ids):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})
-            raise InvalidInputError(f"document ids must be unique in one upsert; repeated: {dupes[:5]}")
         windows = windowed = 0
         step = self.settings.upsert_batch
         for start in range(0, len(documents), step):
             part = documents[start : start + step]
-            embedded = embed_documents(self.bulk_encoder, [d[1] for d in part])
-            collection.upsert(
-                [
-                    NewDocument(id=doc_id, text=text, metadata=meta, spans=spans, vectors=vectors)
-                    for (doc_id, text, meta), (spans, vectors) in zip(part, embedded.per_document(), strict=True)
-                ]
-            )
+            embedded = embed_documents(self.bulk_encoder, [d.text for d in part])
+            collection.upsert([
+                NewDocument(id=d.id, text=d.text, metadata=d.metadata, spans=spans, vectors=vectors)
+                for d, (spans, vectors) in zip(part, embedded.per_document(), strict=True)
+            ])
             windows += len(embedded.spans)
             windowed += embedded.n_windowed
             if job is not None:
                 job.report(start + len(part), len(documents))
-        return UpsertResult(upserted=len(documents), windows=windows, windowed=windowed)
+        return UpsertResponse(upserted=len(documents), windows=windows, windowed=windowed)
 
-    def start_reindex(self, name: str) -> Job:
+    async def search(
+        self, name: str, queries: str | Sequence[str], k: int, adapter: str | None = None, where: Filter | None = None
+    ) -> SearchResponse:
+        """Top-``k`` documents for one query (``hits``) or for each of a list (``results``); the query goes through
+        the adapter, documents through its view."""
+        single = isinstance(queries, str)
+        texts = [queries] if isinstance(queries, str) else list(queries)
+        limits.check_texts(texts, self.settings, "query" if single else "queries")
+        limits.check_k(k, self.settings)
+        collection = self.collection(name)
+        chosen = self.resolve(adapter)
+        label, hits = await self._offload(self._search, collection, texts, k, chosen, where, model=True)
+        if single:
+            return SearchResponse(adapter=label, hits=hits[0])
+        return SearchResponse(adapter=label, results=[SearchResult(hits=h) for h in hits])
+
+    def _search(
+        self, collection: Collection, queries: Sequence[str], k: int, chosen: LoadedAdapter | None, where: Filter | None
+    ) -> tuple[str, list[list[SearchHit]]]:
+        vectors, _ = embed_pooled(self.encoder, queries, "query")
+        if chosen is not None:
+            vectors = chosen.checkpoint.adapter.transform_query(vectors)
+        label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
+        return label, collection.search(vectors, k, label, view_adapter, where)
+
+    async def reindex(self, name: str) -> Job:
         """Re-embed a collection built with another base onto this server's base, as a background job: the new
         windows are staged in its store, swapped in with the new fingerprint in one transaction, and the
         collection is served from then on. Until then it answers 409 naming the job; if the job fails, it is
         left as it was. Refused at once (404, 409, 503) when the collection cannot be re-indexed."""
-        path = self.collections.claim_reindex(name)
+        store = await self._offload(self.collections.claim_reindex, name)
         try:
-            job = self.jobs.submit("reindex", lambda job: self._reindex(name, path, job))
+            job = self.jobs.submit("reindex", lambda job: self._reindex(name, store, job))
         except BaseException:
+            store.close()
             self.collections.abandon_reindex(name)
             raise
         self.collections.note_reindex_job(name, job.id)
         return job
 
-    def _reindex(self, name: str, path: Path, job: Job) -> ReindexResult:
-        store = DocumentStore(path)
+    def _reindex(self, name: str, store: Any, job: Job) -> ReindexResult:
         try:
             before = store.read_config().base_fingerprint
-            config, windows = reindex_store(store, self.bulk_encoder, batch=self.settings.upsert_batch, report=job.report)
+            config, windows = reindex(store, self.bulk_encoder, batch=self.settings.upsert_batch, report=job.report)
         except BaseException:
             self.collections.abandon_reindex(name)
             raise
@@ -294,21 +405,16 @@ class Engine:
         collection = self.collections.finish_reindex(name)
         for adapter in self.adapters():
             if adapter.checkpoint.config.apply_to == "both":
-                collection.ensure_view(adapter.label, adapter.checkpoint.adapter)
+                collection.index_for(adapter.label, adapter.checkpoint.adapter)
         documents, _ = collection.counts()
         return ReindexResult(collection=name, documents=documents, windows=windows, previous_base=before, base=config.base_fingerprint)
 
-    def search(
-        self, name: str, queries: Sequence[str], k: int, adapter: str | None = None, where: Filter | None = None
-    ) -> SearchResult:
-        """Top-``k`` documents per query; the query goes through the adapter, documents through its view."""
-        collection = self.collection(name)
-        chosen = self.resolve(adapter)
-        vectors, _ = embed_pooled(self.encoder, queries, "query")
-        if chosen is not None:
-            vectors = chosen.checkpoint.adapter.transform_query(vectors)
-        label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
-        return SearchResult(adapter=label, hits=collection.search(vectors, k, label, view_adapter, where))
+    def _prepare_views(self, adapter: LoadedAdapter) -> None:
+        """Before an ``apply_to: both`` adapter is served, build its document view of every collection."""
+        if adapter.checkpoint.config.apply_to != "both":
+            return
+        for collection in self.collections.all():
+            collection.index_for(adapter.label, adapter.checkpoint.adapter)
 
     # ------------------------------------------------------------------------------------------- eval
     def models_for_eval(self, names: Sequence[str] | None) -> list[LoadedAdapter]:
@@ -319,30 +425,62 @@ class Engine:
         chosen = [self.resolve(n) for n in dict.fromkeys(names) if n != BASE]
         return [a for a in chosen if a is not None]
 
-    def evaluate_dataset(self, ds: QADataset, adapters: Sequence[LoadedAdapter], ks: Sequence[int]) -> Comparison:
-        """Exactly what ``embedlift eval`` computes, on the engine's base and cache."""
-        return self._compare(embed_dataset(self.bulk_encoder, ds), adapters, ks)
+    async def evaluate(self, request: EvalRequest) -> EvalResponse | Job:
+        """Base vs adapters on a dataset (inline or stored) or on a collection with queries and relevant ids:
+        exactly what ``embedlift eval --json`` computes. Past ``sync_eval_texts`` texts, or when asked, a job."""
+        adapters = self.models_for_eval(request.adapters)  # unknown names: 404 before any work
+        if sum(x is not None for x in (request.dataset, request.dataset_name, request.collection)) != 1:
+            raise InvalidInputError(
+                "send exactly one of `dataset` (EmbeddingQAFinetuneDataset JSON), `dataset_name` (a stored dataset, "
+                "see GET /datasets) or `collection` (with `queries` and `relevant_docs`)"
+            )
+        if request.collection is None:
+            if request.queries is not None or request.relevant_docs is not None:
+                raise InvalidInputError("`queries` and `relevant_docs` go inside the dataset (or use `collection`)")
+            ds = await self._eval_dataset(request)
+            size = len(ds.queries) + len(ds.corpus)
+            embed: Callable[[], EmbeddedDataset] = functools.partial(embed_dataset, self.bulk_encoder, ds)
+        else:
+            if not request.queries or not request.relevant_docs:
+                raise InvalidInputError("with `collection`, send `queries` ({id: text}) and `relevant_docs` ({id: [document ids]})")
+            size = len(request.queries) + self.collection(request.collection).counts()[0]
+            embed = functools.partial(self._embed_collection, request.collection, request.queries, request.relevant_docs)
 
-    def evaluate_collection(
-        self, name: str, queries: dict[str, str], relevant: dict[str, list[str]], adapters: Sequence[LoadedAdapter], ks: Sequence[int]
-    ) -> Comparison:
+        def work(job: Job | None = None) -> EvalResponse:
+            return self._eval_response(self._compare(embed(), adapters, request.k), adapters, request.per_query)
+
+        if request.background or size > self.settings.sync_eval_texts:
+            return self.jobs.submit("eval", work, total=size)
+        return await self._offload(work, model=True)
+
+    async def _eval_dataset(self, request: EvalRequest) -> QADataset:
+        if request.dataset_name is not None:
+            path = self.settings.datasets_path / f"{check_name(request.dataset_name, 'dataset')}.json"
+            if not path.is_file():
+                raise NotFoundError(
+                    f"no stored dataset {request.dataset_name!r} in {self.settings.datasets_path}; see GET /datasets, or send `dataset` inline"
+                )
+            return await self._offload(load_dataset, path)
+        assert request.dataset is not None
+        return validate(dataset_of(request.dataset), "dataset")
+
+    def _embed_collection(self, name: str, queries: dict[str, str], relevant: dict[str, list[str]]) -> EmbeddedDataset:
         """Queries against every document of a collection, scored exactly from its stored base vectors."""
-        collection = self.collection(name)
-        doc_ids, _, windowed = collection.store.all_documents()
+        doc_ids, _, windowed = self.collection(name).store.all_documents()
         col = {d: i for i, d in enumerate(doc_ids)}
         problems = [q for q in relevant if q not in queries] + [q for q in queries if not relevant.get(q)]
         if problems:
             raise InvalidInputError(f"every query needs relevant ids and every relevant_docs key a query; offending: {problems[:5]}")
         unknown = sorted({d for docs in relevant.values() for d in docs if d not in col})
         if unknown:
-            raise NotFoundError(f"relevant ids not in collection {name!r}: {unknown[:5]}" + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise NotFoundError(f"relevant ids not in collection {name!r}: {unknown[:5]}{more}")
         query_ids = list(queries)
         qv, qw = embed_pooled(self.bulk_encoder, [queries[q] for q in query_ids], "query")
-        data = EmbeddedDataset(
+        return EmbeddedDataset(
             query_ids=query_ids, doc_ids=doc_ids, queries=qv, docs=windowed,
             relevant=[{col[d] for d in relevant[q]} for q in query_ids], query_windows=qw,
         )
-        return self._compare(data, adapters, ks)
 
     @staticmethod
     def _compare(data: EmbeddedDataset, adapters: Sequence[LoadedAdapter], ks: Sequence[int]) -> Comparison:
@@ -351,3 +489,57 @@ class Engine:
             for a in adapters
         ]
         return compare(data, checkpoints, ks)
+
+    @staticmethod
+    def _eval_response(comparison: Comparison, adapters: Sequence[LoadedAdapter], per_query: bool) -> EvalResponse:
+        return EvalResponse(
+            metrics=comparison.to_json(),
+            models={BASE: BASE, **{a.name: a.label for a in adapters}},
+            queries=len(comparison.query_ids),
+            documents=comparison.n_docs,
+            windowed=comparison.n_windowed,
+            ranks=comparison.ranks() if per_query else None,
+        )
+
+    # --------------------------------------------------------------------------------------- adapters
+    async def register_adapter(self, name: str) -> LoadedAdapter:
+        """Register (or re-register, as the next version) the checkpoint directory ``name`` of the adapters directory."""
+        return await self._offload(self.registry.register_name, name)
+
+    async def register_upload(self, data: bytes, name: str | None = None) -> LoadedAdapter:
+        """Register a checkpoint uploaded as a tar (optionally gzipped) of its directory."""
+        return await self._offload(self.registry.register_tar, data, name)
+
+    async def activate(self, name: str) -> LoadedAdapter | None:
+        """Hot swap: requests that name no adapter use ``name`` from now on (``base``: none); durable on return."""
+        return await self._offload(self.registry.activate, name)
+
+    async def rollback(self) -> LoadedAdapter | None:
+        """Back to the previously active adapter."""
+        return await self._offload(self.registry.rollback)
+
+    async def delete_adapter(self, name: str) -> None:
+        """Unregister an adapter, remove its checkpoint and drop its document views (the active one: 409)."""
+        await self._offload(self._delete_adapter, name)
+
+    def _delete_adapter(self, name: str) -> None:
+        self.registry.delete(name)
+        keep = {a.label for a in self.adapters()}
+        for c in self.collections.all():
+            c.drop_views(keep)
+
+
+def stored_datasets(settings: Settings) -> DatasetList:
+    """Stored evaluation datasets (``NAME.json`` in the datasets directory), for ``dataset_name``."""
+    folder = settings.datasets_path
+    files = [f for f in sorted(folder.glob("*.json")) if valid_name(f.stem)] if folder.is_dir() else []
+    stats = [(f.stem, f.stat()) for f in files]
+    return DatasetList(datasets=[
+        StoredDataset(name=name, bytes=st.st_size, modified=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)))
+        for name, st in stats
+    ])
+
+
+def dataset_of(edge: EvalDataset) -> QADataset:
+    """The wire's dataset as the training library's."""
+    return QADataset(queries=edge.queries, corpus=edge.corpus, relevant_docs=edge.relevant_docs)

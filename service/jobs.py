@@ -1,7 +1,11 @@
-"""Background jobs: evaluations and bulk upserts past a size bound run here, so they never hold an HTTP
-request (or the event loop) for minutes. One worker thread runs them in order; ``GET /jobs/{id}`` shows
-status and progress, and the result when done. Jobs live in memory: a restart forgets them (a bulk upsert's
-committed batches stay committed)."""
+"""Background jobs: evaluations, bulk upserts and re-indexes past a size bound run here, so they never hold an
+HTTP request (or the event loop) for minutes. One worker thread runs them in order; ``GET /jobs/{id}`` shows
+status and progress, and the result when done.
+
+Where jobs are kept is an interface of its own (``JobStore``): ``MemoryJobStore`` keeps them in this process (a
+restart forgets them; a bulk upsert's committed batches stay committed); a store shared by replicas (the
+PostgreSQL issue's) lets any replica answer for any job.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +30,7 @@ KEEP_FINISHED = 100
 
 @dataclass
 class Job:
-    """One background job. ``progress`` is ``(done, total)`` in the job's own unit (texts, documents)."""
+    """One background job. ``done`` of ``total`` is its progress in its own unit (texts, documents)."""
 
     id: str
     kind: str
@@ -36,33 +41,80 @@ class Job:
     error: str | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    store: JobStore | None = field(default=None, repr=False, compare=False)
 
     def report(self, done: int, total: int) -> None:
         self.done, self.total = done, total
+        if self.store is not None:
+            self.store.save(self)
+
+
+class JobStore(ABC):
+    """Where jobs are kept: added when submitted, saved on every change of status or progress."""
+
+    @abstractmethod
+    def add(self, job: Job) -> None: ...
+
+    @abstractmethod
+    def save(self, job: Job) -> None: ...
+
+    @abstractmethod
+    def get(self, job_id: str) -> Job | None: ...
+
+    @abstractmethod
+    def queued(self) -> int:
+        """Jobs waiting to run."""
+
+
+class MemoryJobStore(JobStore):
+    """Jobs in this process: the last ``keep`` finished ones and every unfinished one."""
+
+    def __init__(self, keep: int = KEEP_FINISHED) -> None:
+        self.keep = keep
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+            finished = [j.id for j in self._jobs.values() if j.finished is not None]
+            for job_id in finished[: max(0, len(finished) - self.keep)]:
+                del self._jobs[job_id]
+
+    def save(self, job: Job) -> None:
+        """Nothing to write: the job object is the record."""
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def queued(self) -> int:
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.status == "queued")
 
 
 class JobRunner:
     """Runs jobs one at a time on a worker thread; at most ``max_queued`` wait (429 beyond)."""
 
-    def __init__(self, max_queued: int = 16) -> None:
+    def __init__(self, store: JobStore | None = None, max_queued: int = 16) -> None:
+        self.store = store or MemoryJobStore()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job")
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self.max_queued = max_queued
 
     def submit(self, kind: str, work: Callable[[Job], Any], total: int = 0) -> Job:
         with self._lock:
-            waiting = sum(1 for j in self._jobs.values() if j.status == "queued")
+            waiting = self.store.queued()
             if waiting >= self.max_queued:
                 raise OverloadedError(f"{waiting} background jobs are queued (maximum {self.max_queued}); retry later", retry_after=5)
-            job = Job(id=uuid.uuid4().hex, kind=kind, total=total)
-            self._jobs[job.id] = job
-            self._forget_old()
+            job = Job(id=uuid.uuid4().hex, kind=kind, total=total, store=self.store)
+            self.store.add(job)
         self._pool.submit(self._run, job, work)
         return job
 
     def _run(self, job: Job, work: Callable[[Job], Any]) -> None:
         job.status = "running"
+        self.store.save(job)
         try:
             job.result = work(job)
             job.status = "succeeded"
@@ -73,18 +125,13 @@ class JobRunner:
             job.error, job.status = f"internal error: {exc}", "failed"
         finally:
             job.finished = time.time()
+            self.store.save(job)
 
     def get(self, job_id: str) -> Job:
-        with self._lock:
-            try:
-                return self._jobs[job_id]
-            except KeyError:
-                raise NotFoundError(f"unknown job {job_id!r}; jobs are kept in memory until restart (the last {KEEP_FINISHED} finished)") from None
-
-    def _forget_old(self) -> None:
-        finished = [j.id for j in self._jobs.values() if j.finished is not None]
-        for job_id in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-            del self._jobs[job_id]
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFoundError(f"unknown job {job_id!r}; jobs are kept in memory until restart (the last {KEEP_FINISHED} finished)")
+        return job
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

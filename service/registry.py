@@ -1,9 +1,10 @@
 """The adapter registry: which checkpoints the service serves, their versions, and which one is active.
 
 Checkpoints live as directories in the adapters directory (one per name). The registry's own state, the
-version of each name, the active name and the activation history (for rollback), is one small JSON file in
-the data directory, rewritten atomically (temp file, fsync, ``os.replace``) on every change, so the active
-adapter survives a restart.
+version of each name, the active name and the activation history (for rollback), is kept by a
+``RegistryStateStore``: ``RegistryFile`` is one small JSON file in the data directory, rewritten atomically (temp
+file, fsync, ``os.replace``) on every change, so the active adapter survives a restart; a store shared by
+replicas (the PostgreSQL issue's) keeps it in the database.
 
 A hot swap loads and validates the new checkpoint completely (strict load, same base fingerprint and
 dimension) before it replaces one reference under the lock; a request that resolved the old adapter keeps
@@ -20,15 +21,16 @@ import shutil
 import tarfile
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write, load_checkpoint, replace_dir
+from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, BaseInfo, Checkpoint, atomic_write, load_checkpoint, replace_dir
 from embedlift.models.errors import CheckpointError, ConflictError, EmbedliftError, InvalidInputError, NotFoundError, TooLargeError
-from embedlift.service.collections import check_name
+from embedlift.service.collections.names import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +53,57 @@ class LoadedAdapter:
 
 
 class RegistryState(msgspec.Struct, kw_only=True):
-    """``registry.json``: what must survive a restart."""
+    """What must survive a restart."""
 
     active: str | None = None
     history: list[str | None] = []  # previously active names, most recent last (None = the base)
     versions: dict[str, int] = {}
     signatures: dict[str, str] = {}
+
+
+class RegistryStateStore(ABC):
+    """Where the registry's state is kept: read once at start, written on every change."""
+
+    @abstractmethod
+    def load(self) -> RegistryState:
+        """The saved state (an empty one when there is none, or when it cannot be read: the checkpoints are
+        the source of truth and are registered again)."""
+
+    @abstractmethod
+    def save(self, state: RegistryState) -> None:
+        """Replace the saved state; durable when it returns."""
+
+    @abstractmethod
+    def peek_active(self) -> str | None:
+        """The remembered active adapter, read without side effects (before the registry loads)."""
+
+
+class RegistryFile(RegistryStateStore):
+    """``registry.json`` in the data directory, replaced atomically on every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> RegistryState:
+        if not self.path.is_file():
+            return RegistryState()
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=RegistryState)
+        except msgspec.DecodeError as exc:
+            # Written atomically, so only outside hands damage it: keep it aside and start empty.
+            aside = self.path.with_name(f"{self.path.name}.damaged")
+            os.replace(self.path, aside)
+            logger.error("%s is damaged (%s); moved to %s, re-registering the checkpoints with no adapter active", self.path, exc, aside)
+            return RegistryState()
+
+    def save(self, state: RegistryState) -> None:
+        atomic_write(self.path, msgspec.json.encode(state))
+
+    def peek_active(self) -> str | None:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=RegistryState).active
+        except (OSError, msgspec.DecodeError):
+            return None
 
 
 def signature(path: Path) -> str:
@@ -72,8 +119,8 @@ class AdapterRegistry:
 
     Args:
         adapters_dir: Directory of checkpoint directories.
-        state_path: ``registry.json``.
-        fingerprint: The base's fingerprint; checkpoints for another base are refused.
+        state: Where the versions, the active adapter and the history are kept.
+        base: The base in use; checkpoints trained on another are refused, naming what differs.
         on_change: Called (outside the lock) after an adapter is registered, so derived state (collection
             views of ``apply_to: both`` adapters) can be built before the adapter is activated.
         allow_backend_mismatch: Accept adapters trained on another backend of the same model (a warning each).
@@ -82,16 +129,16 @@ class AdapterRegistry:
     def __init__(
         self,
         adapters_dir: Path,
-        state_path: Path,
-        fingerprint: str,
+        state: RegistryStateStore,
+        base: BaseInfo,
         on_change: Callable[[LoadedAdapter], None] | None = None,
         *,
         allow_backend_mismatch: bool = False,
     ) -> None:
         self.adapters_dir = adapters_dir
         self.allow_backend_mismatch = allow_backend_mismatch
-        self.state_path = state_path
-        self.fingerprint = fingerprint
+        self.state = state
+        self.base = base
         self.on_change = on_change
         self._lock = threading.RLock()
         self._adapters: dict[str, LoadedAdapter] = {}
@@ -107,15 +154,7 @@ class AdapterRegistry:
 
         ``override_active`` (``serve --adapter``) wins over the remembered active adapter.
         """
-        if self.state_path.is_file():
-            try:
-                self._state = msgspec.json.decode(self.state_path.read_bytes(), type=RegistryState)
-            except msgspec.DecodeError as exc:
-                # Written atomically, so only outside hands damage it. The checkpoints themselves are the source
-                # of truth: register them again (as version 1) with no adapter active, and keep the file.
-                aside = self.state_path.with_name(f"{self.state_path.name}.damaged")
-                os.replace(self.state_path, aside)
-                logger.error("%s is damaged (%s); moved to %s, re-registering the checkpoints with no adapter active", self.state_path, exc, aside)
+        self._state = self.state.load()
         self.scan()
         wanted = override_active if override_active is not None else self._state.active
         if wanted is not None and wanted != BASE:
@@ -202,7 +241,7 @@ class AdapterRegistry:
 
     # ---------------------------------------------------------------------------------------- changes
     def _load(self, path: Path) -> Checkpoint:
-        return load_checkpoint(path, expected_fingerprint=self.fingerprint, allow_backend_mismatch=self.allow_backend_mismatch)
+        return load_checkpoint(path, expected=self.base, allow_backend_mismatch=self.allow_backend_mismatch)
 
     def _register(self, name: str, *, bump: bool = True) -> LoadedAdapter:
         """Load ``adapters_dir/name`` strictly (off the lock), then swap it in."""
@@ -312,7 +351,7 @@ class AdapterRegistry:
         logger.info("adapter %s deleted", loaded.label)
 
     def _save(self) -> None:
-        atomic_write(self.state_path, msgspec.json.encode(self._state))
+        self.state.save(self._state)
 
 
 MAX_UNPACKED = 4 << 30  # bytes a checkpoint upload may unpack to (a gzip bomb is refused before writing)

@@ -1,7 +1,9 @@
-"""Every request and response body of the service, as msgspec Structs.
+"""Every request and response body of the service, as msgspec Structs: the wire types, one per thing.
 
 Requests reject unknown fields and declare their limits, so the OpenAPI spec is exact and bad input is a 400
 that names the field. The embedding responses use OpenAI's shape on both routes, so one parser reads both.
+The engine and the collections return these types too (``SearchHit``, ``StoredDocument``, ``CollectionInfo``):
+what a search finds is what the response carries, with no mirrored copy to keep in step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from embedlift.service.collections import NAME_PATTERN
+#: Collection, adapter and dataset names: they become directory and file names.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+#: How a collection is searched: exact while small then HNSW (``auto``), always exact, always approximate.
+IndexKind = Literal["auto", "flat", "hnsw"]
 
 
 def closed_bodies() -> list[str]:
@@ -159,7 +164,7 @@ class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     """``PUT /collections/{name}``. ``auto`` (default): exact search while small, HNSW once past 20,000
     windows (converted in the background); ``flat``: always exact; ``hnsw``: always approximate."""
 
-    index: Literal["auto", "flat", "hnsw"] = "auto"
+    index: IndexKind = "auto"
     hnsw_m: Annotated[int, Meta(ge=4, le=128)] = 32
     ef_construction: Annotated[int, Meta(ge=8, le=4096)] = 200
     ef_search: Annotated[int, Meta(ge=1, le=4096)] = 128
@@ -209,6 +214,8 @@ class DeleteResponse(msgspec.Struct, kw_only=True):
 
 
 class StoredDocument(msgspec.Struct, kw_only=True):
+    """A document as stored: its text, metadata and how many windows it was indexed as."""
+
     id: str
     text: str
     metadata: dict[str, Any]
@@ -229,6 +236,8 @@ class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class SearchHit(msgspec.Struct, kw_only=True):
+    """One document found by a search: its best window's score and span, and the whole document."""
+
     id: str
     score: float
     text: str
@@ -249,7 +258,8 @@ class SearchResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 # ------------------------------------------------------------------------------------------------ eval
 class EvalDataset(msgspec.Struct, kw_only=True):
-    """LlamaIndex's ``EmbeddingQAFinetuneDataset`` JSON."""
+    """LlamaIndex's ``EmbeddingQAFinetuneDataset`` JSON: the edge's one dataset type (``engine.dataset_of`` maps
+    it to the training library's ``QADataset``)."""
 
     queries: dict[str, str]
     corpus: dict[str, str]

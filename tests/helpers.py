@@ -13,7 +13,7 @@ import httpx
 import torch
 
 from embedlift.models.adapters import AdapterConfig, build_adapter
-from embedlift.models.checkpoint import BaseInfo, save_checkpoint
+from embedlift.models.checkpoint import base_info, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,7 @@ def make_adapter(minilm, out: Path, apply_to: str = "query", seed: int = 0) -> P
     adapter = build_adapter(AdapterConfig(kind="linear", dim=minilm.dim, apply_to=apply_to))
     with torch.no_grad():
         adapter.linear.weight.add_(0.05 * torch.randn_like(adapter.linear.weight))
-    base = BaseInfo(name=minilm.name, fingerprint=minilm.fingerprint, dim=minilm.dim, details=minilm.describe())
-    save_checkpoint(adapter, out, base=base)
+    save_checkpoint(adapter, out, base=base_info(minilm))
     return out
 
 

@@ -7,6 +7,7 @@ past its bound with a 429 instead of queueing without end.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from embedlift.models.cache import CachedEncoder, MemoryCache
+from embedlift.models.checkpoint import BaseInfo, base_info
 from embedlift.models.errors import BaseMismatchError, OverloadedError, UnavailableError
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
 
@@ -116,15 +118,15 @@ def test_a_cache_hit_skips_the_model(minilm):
 
 def test_engine_request_cache_can_be_turned_off(minilm, tmp_path):
     from embedlift.service.engine import Engine
-    from embedlift.service.registry import AdapterRegistry
+    from embedlift.service.registry import AdapterRegistry, RegistryFile
     from embedlift.service.settings import Settings
 
     for cache_mb, model_calls in ((16, 1), (0, 2)):
-        registry = AdapterRegistry(tmp_path / "adapters", tmp_path / f"r{cache_mb}.json", minilm.fingerprint)
+        registry = AdapterRegistry(tmp_path / "adapters", RegistryFile(tmp_path / f"r{cache_mb}.json"), base_info(minilm))
         engine = Engine(minilm, registry, settings=Settings(data_dir=tmp_path / f"d{cache_mb}", cache_mb=cache_mb))
         try:
-            a = engine.embed(["net revenue in 2021"], "query").vectors
-            b = engine.embed(["net revenue in 2021"], "query").vectors
+            a = asyncio.run(engine.embed(["net revenue in 2021"], "query")).vectors
+            b = asyncio.run(engine.embed(["net revenue in 2021"], "query")).vectors
             np.testing.assert_allclose(a, b, atol=1e-6)
             assert engine.batcher.stats.batches == model_calls
         finally:
@@ -158,11 +160,11 @@ def test_an_adapter_trained_on_float32_runs_on_int8_only_when_asked(minilm, mini
 
     path = make_adapter(minilm, tmp_path / "fp32-adapter")
     with pytest.raises(BaseMismatchError, match="--allow-backend-mismatch"):
-        load_checkpoint(path, expected_fingerprint=minilm_int8.fingerprint)
+        load_checkpoint(path, expected=base_info(minilm_int8))
     with caplog.at_level("WARNING"):
-        ckpt = load_checkpoint(path, expected_fingerprint=minilm_int8.fingerprint, allow_backend_mismatch=True)
+        ckpt = load_checkpoint(path, expected=base_info(minilm_int8), allow_backend_mismatch=True)
     assert ckpt.config.base.fingerprint == minilm.fingerprint
     assert "quality may drop" in caplog.text
     other = make_adapter(minilm, tmp_path / "other")
     with pytest.raises(BaseMismatchError):  # another model is refused even when asked
-        load_checkpoint(other, expected_fingerprint="another-model:0123+int8", allow_backend_mismatch=True)
+        load_checkpoint(other, expected=BaseInfo(name="another-model", fingerprint="another-model:0123+int8", dim=384), allow_backend_mismatch=True)

@@ -42,7 +42,7 @@ def _trained(kind="mlp", apply_to="query"):
 def test_round_trip(tmp_path, kind, apply_to):
     adapter = _trained(kind, apply_to)
     save_checkpoint(adapter, tmp_path / "a", base=BASE, training={"lr": 0.1}, metrics={"val": {"mrr@10": 0.5}})
-    loaded = load_checkpoint(tmp_path / "a", expected_fingerprint="toy:0123")
+    loaded = load_checkpoint(tmp_path / "a", expected=BASE)
     x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
     np.testing.assert_allclose(loaded.adapter.transform(x), adapter.transform(x), atol=1e-6)
     assert loaded.name == "a" and loaded.config.apply_to == apply_to and loaded.config.training == {"lr": 0.1}
@@ -80,7 +80,7 @@ def ckpt(tmp_path):
 
 def test_wrong_base_is_refused(ckpt):
     with pytest.raises(BaseMismatchError, match="trained on base toy"):
-        load_checkpoint(ckpt, expected_fingerprint="other:999")
+        load_checkpoint(ckpt, expected=BaseInfo(name="other", fingerprint="other:999", dim=8))
 
 
 def test_damaged_weights_name_the_file(ckpt):

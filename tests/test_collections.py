@@ -90,9 +90,9 @@ def test_filter_upsert_replace_delete(encoder, tmp_path):
 
 
 def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
-    import embedlift.service.collections as collections
+    from embedlift.service.collections import faiss_index
 
-    monkeypatch.setattr(collections, "REBUILD_MIN", 4)
+    monkeypatch.setattr(faiss_index, "REBUILD_MIN", 4)
     manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
     manager.load_all()
     c, _ = manager.create("h", "hnsw")
@@ -101,11 +101,11 @@ def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
     gone = [h.id for h in c.search(q, 8)[0]]
     c.delete(gone)
     deadline = time.time() + 30
-    while c._rebuilding and time.time() < deadline:
+    while c.base_index.rebuilding and time.time() < deadline:
         time.sleep(0.05)
     hits = c.search(q, 20)[0]
     assert not set(gone) & {h.id for h in hits} and len(hits) == 12
-    assert c.ensure_view("base", None).index.ntotal == 12  # the graph was rebuilt without the deleted ids
+    assert c.base_index.ntotal == 12  # the graph was rebuilt without the deleted ids
 
 
 def test_restart_serves_the_same_documents(encoder, tmp_path):
@@ -174,7 +174,7 @@ class FailingEncoder:
 
     def __init__(self, inner, fail_at: int) -> None:
         self.inner, self.calls, self.fail_at = inner, 0, fail_at
-        self.fingerprint, self.dim = inner.fingerprint, inner.dim
+        self.fingerprint, self.dim, self.spec = inner.fingerprint, inner.dim, inner.spec
 
     def split(self, texts, role):
         return self.inner.split(texts, role)
@@ -189,7 +189,7 @@ class FailingEncoder:
 def test_a_failed_reindex_leaves_the_last_good_state(encoder, tmp_path):
     """Staged windows are swapped in by one transaction: a re-index that dies after some batches leaves the
     old vectors and base; the next one completes and serves."""
-    from embedlift.service.collections import STORE_FILE, DocumentStore, reindex_store
+    from embedlift.service.collections import STORE_FILE, SQLiteStore, reindex
 
     root = tmp_path / "collections"
     other = CollectionManager(root, "other-model:0123456789abcdef", encoder.dim)
@@ -197,15 +197,15 @@ def test_a_failed_reindex_leaves_the_last_good_state(encoder, tmp_path):
     c, _ = other.create("docs")
     c.upsert(documents(encoder, corpus(12)))
     other.close()
-    store = DocumentStore(root / "docs" / STORE_FILE)
+    store = SQLiteStore(root / "docs" / STORE_FILE)
     before = store.iter_windows().__next__()
     with pytest.raises(RuntimeError, match="killed mid re-index"):
-        reindex_store(store, FailingEncoder(encoder, fail_at=2), batch=4)
+        reindex(store, FailingEncoder(encoder, fail_at=2), batch=4)
     assert store.read_config().base_fingerprint == "other-model:0123456789abcdef"
     after = store.iter_windows().__next__()
     assert (before[0] == after[0]).all() and (before[1] == after[1]).all()
     progress = []
-    config, windows = reindex_store(store, encoder, batch=4, report=lambda done, total: progress.append((done, total)))
+    config, windows = reindex(store, encoder, batch=4, report=lambda done, total: progress.append((done, total)))
     assert config.base_fingerprint == encoder.fingerprint and windows == 12
     assert progress == [(0, 12), (4, 12), (8, 12), (12, 12)]
     store.close()
@@ -256,15 +256,15 @@ def test_a_crash_mid_write_keeps_every_acknowledged_write(tmp_path):
     assert windows == 2 * docs
     for batch in range(acked + 1):
         assert c.store.get(f"b{batch}-49") is not None
-    assert c.ensure_view("base", None).index.ntotal == windows
+    assert c.base_index.ntotal == windows
 
 
 def test_auto_index_turns_to_hnsw_past_the_threshold_and_keeps_every_write(encoder, tmp_path, monkeypatch):
     """``auto`` searches exactly while small; past AUTO_HNSW_WINDOWS it builds HNSW in the background, replays
     the writes made meanwhile, and a restart opens it as HNSW. Results stay those of brute force."""
-    from embedlift.service import collections as collections_module
+    from embedlift.service.collections import faiss_index
 
-    monkeypatch.setattr(collections_module, "AUTO_HNSW_WINDOWS", 30)
+    monkeypatch.setattr(faiss_index, "AUTO_HNSW_WINDOWS", 30)
     manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
     manager.load_all()
     c, _ = manager.create("grow")

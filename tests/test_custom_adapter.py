@@ -19,7 +19,7 @@ import pytest
 
 from embedlift.models import adapters as adapters_module
 from embedlift.models.adapters import AdapterConfig, adapter_kinds, build_adapter
-from embedlift.models.checkpoint import BaseInfo, load_checkpoint, read_config, save_checkpoint
+from embedlift.models.checkpoint import BaseInfo, base_info, load_checkpoint, read_config, save_checkpoint
 from embedlift.models.errors import CheckpointError, InvalidInputError
 from tests.helpers import REPO, start_server, stop_server
 
@@ -88,7 +88,7 @@ def test_a_registered_kind_builds_saves_and_loads(registered, minilm, tmp_path):
     base = BaseInfo(name=minilm.name, fingerprint=minilm.fingerprint, dim=minilm.dim)
     save_checkpoint(adapter, tmp_path / "lr", base=base)
     assert read_config(tmp_path / "lr").options == {"rank": 4}
-    loaded = load_checkpoint(tmp_path / "lr", expected_fingerprint=minilm.fingerprint)
+    loaded = load_checkpoint(tmp_path / "lr", expected=base_info(minilm))
     np.testing.assert_allclose(loaded.adapter.transform(x), adapter.transform(x), atol=1e-6)
     with pytest.raises(InvalidInputError, match=r"adapter kind 'lowrank' refused its config .*rank must be an integer"):
         build_adapter(AdapterConfig(kind="lowrank", dim=minilm.dim, options={"rank": "big"}))

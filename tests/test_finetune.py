@@ -18,7 +18,8 @@ import pytest
 
 from embedlift.models.encoders import LocalEncoder
 from embedlift.training.dataset import load_dataset
-from embedlift.training.finetune import INFO_FILE, FinetuneSettings, finetune, pair_rows
+from embedlift.models.spec import BaseSpec
+from embedlift.training.finetune import INFO_FILE, FinetuneSettings, finetune_model, pair_rows
 from embedlift.training.retrieval import embed_dataset
 from tests.helpers import start_server, stop_server
 
@@ -113,7 +114,7 @@ def test_labelled_data_finetunes_with_the_batch_triplet_loss(tmp_path):
     labels = [t.split()[0] for t in texts]
     ds = LabelledDataset(texts=texts, labels=labels)
     train, held = ds.split(0.5, seed=0)
-    result = finetune(None, train, held.to_retrieval(), tmp_path / "m", FinetuneSettings(epochs=1, batch_size=6, max_seq_length=32))
+    result = finetune_model(BaseSpec(max_seq_length=32), train, held.to_retrieval(), tmp_path / "m", FinetuneSettings(epochs=1, batch_size=6))
     assert (tmp_path / "m" / "modules.json").is_file() and result.train_rows == len(train.texts)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedlift.models.checkpoint import load_checkpoint
+from embedlift.models.checkpoint import base_info, load_checkpoint
 from embedlift.models.errors import CheckpointError
 from embedlift.models.llamaindex import read_llamaindex_adapter
 from embedlift.service.cli import main
@@ -26,7 +26,7 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 def test_imported_adapter_gives_llamaindex_vectors(minilm, tmp_path, name, kind):
     out = tmp_path / "adapters" / f"li-{name}"
     assert main(["adapters", "import-llamaindex", str(FIXTURES / name), "--out", str(out)]) == 0
-    checkpoint = load_checkpoint(out, expected_fingerprint=minilm.fingerprint)
+    checkpoint = load_checkpoint(out, expected=base_info(minilm))
     assert checkpoint.config.kind == kind and checkpoint.config.apply_to == "query"
     base = minilm.encode(EXPECTED["questions"], "query")
     ours = checkpoint.adapter.transform_query(base, normalize=False)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from embedlift.models.errors import BaseMismatchError, CheckpointError, ConflictError, InvalidInputError, NotFoundError
-from embedlift.service.registry import AdapterRegistry
+from embedlift.models.checkpoint import base_info
+from embedlift.service.registry import AdapterRegistry, RegistryFile
 from tests.helpers import make_adapter
 
 
 def registry(tmp_path: Path, minilm, adapters: Path | None = None) -> AdapterRegistry:
-    r = AdapterRegistry(adapters or tmp_path / "adapters", tmp_path / "data" / "registry.json", minilm.fingerprint)
+    r = AdapterRegistry(adapters or tmp_path / "adapters", RegistryFile(tmp_path / "data" / "registry.json"), base_info(minilm))
     return r
 
 

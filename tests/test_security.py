@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from embedlift.service.app import create_app
+from embedlift.service.http import create_app
 from embedlift.service.settings import Settings
 from tests.helpers import REPO, make_adapter, start_server, stop_server
 

@@ -3,6 +3,7 @@ httpx and the real openai SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -20,17 +21,19 @@ import openai
 import pytest
 
 from embedlift.models.cache import EmbeddingCache
-from embedlift.models.checkpoint import load_checkpoint
+from embedlift.models.checkpoint import base_info, load_checkpoint
 from embedlift.models.errors import NotFoundError, OverloadedError
 from embedlift.models.windows import embed_documents
 from embedlift.service.collections import CollectionManager
 from embedlift.service.engine import Engine
-from embedlift.service.registry import AdapterRegistry
+from embedlift.service.registry import AdapterRegistry, RegistryFile
+from embedlift.service.schemas import Document
 from embedlift.service.settings import Settings
 from tests.helpers import REPO, make_adapter, start_server, stop_server
 
 LONG = " ".join(["Lyft's revenue depends on the number of riders and drivers on its platform."] * 60)
 READ_KEY, ADMIN_KEY = "read-key", "admin-key"
+run = asyncio.run
 READ = {"Authorization": f"Bearer {READ_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 DOCS = [
@@ -61,8 +64,8 @@ def adapters_dir(minilm, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine(minilm, adapters_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    registry = AdapterRegistry(adapters_dir, root / "registry.json", minilm.fingerprint)
-    collections = CollectionManager(root / "collections", minilm.fingerprint, minilm.dim)
+    registry = AdapterRegistry(adapters_dir, RegistryFile(root / "registry.json"), base_info(minilm))
+    collections = CollectionManager(root / "collections", minilm.fingerprint, minilm.dim, minilm.spec)
     collections.load_all()
     engine = Engine(minilm, registry, collections, Settings(data_dir=root), bulk_cache=EmbeddingCache(root / "c.sqlite3"))
     registry.load("q-linear")
@@ -72,23 +75,23 @@ def engine(minilm, adapters_dir, tmp_path_factory):
 def test_engine_applies_the_adapter_to_queries_only(engine, minilm, adapters_dir):
     ckpt = load_checkpoint(adapters_dir / "q-linear")
     base = minilm.encode(["net revenue"], "query")
-    q = engine.embed(["net revenue"], "query")
+    q = run(engine.embed(["net revenue"], "query"))
     assert q.adapter == "q-linear@1"
     np.testing.assert_allclose(q.vectors, ckpt.adapter.transform(base), atol=1e-5)
-    d = engine.embed(["net revenue"], "document")
+    d = run(engine.embed(["net revenue"], "document"))
     np.testing.assert_allclose(d.vectors, base, atol=1e-6)  # apply_to=query: documents stay in base space
-    both = engine.embed(["net revenue"], "document", "both-linear")
+    both = run(engine.embed(["net revenue"], "document", "both-linear"))
     np.testing.assert_allclose(both.vectors, load_checkpoint(adapters_dir / "both-linear").adapter.transform(base), atol=1e-5)
-    assert engine.embed(["net revenue"], "query", "base").adapter == "base"
+    assert run(engine.embed(["net revenue"], "query", "base")).adapter == "base"
 
 
 def test_engine_pools_long_inputs_unless_truncation_is_asked(engine, minilm):
-    pooled = engine.embed([LONG, "short"], "query", "base")
+    pooled = run(engine.embed([LONG, "short"], "query", "base"))
     assert pooled.windows[0] > 1 and pooled.windows[1] == 1
-    first = engine.embed([LONG], "query", "base", truncate=True)
+    first = run(engine.embed([LONG], "query", "base", truncate=True))
     assert first.windows == [1]
     assert not np.allclose(pooled.vectors[0], first.vectors[0])
-    every = engine.embed([LONG], "query", "base", return_windows=True)
+    every = run(engine.embed([LONG], "query", "base", return_windows=True))
     spans, vectors = every.window_vectors[0]
     assert len(spans) == pooled.windows[0] and spans[0][0] == 0 and spans[-1][1] == len(LONG)
     np.testing.assert_allclose(vectors, minilm.encode([LONG[a:b] for a, b in spans], "query"), atol=1e-5)
@@ -96,21 +99,21 @@ def test_engine_pools_long_inputs_unless_truncation_is_asked(engine, minilm):
 
 def test_engine_unknown_adapter_lists_names(engine):
     with pytest.raises(NotFoundError, match=r"available: \['base', 'both-linear', 'q-linear'\]"):
-        engine.embed(["x"], "query", "nope")
+        run(engine.embed(["x"], "query", "nope"))
 
 
 def test_engine_search_with_a_both_adapter_uses_its_document_view(engine, minilm, adapters_dir):
     """An apply_to=both adapter searches documents mapped by its document transform from the stored base
     vectors: the same ranking as embedding everything through the adapter by hand."""
-    engine.collections.create("view-test")
-    engine.upsert("view-test", [(d["id"], d["text"], d["metadata"]) for d in DOCS])
+    run(engine.create_collection("view-test"))
+    run(engine.upsert("view-test", [Document(**d) for d in DOCS]))
     adapter = load_checkpoint(adapters_dir / "both-linear").adapter
-    result = engine.search("view-test", ["who bought the self-driving unit?"], 3, "both-linear")
+    result = run(engine.search("view-test", ["who bought the self-driving unit?"], 3, "both-linear"))
     docs = embed_documents(minilm, [d["text"] for d in DOCS])
     q = adapter.transform_query(minilm.encode(["who bought the self-driving unit?"], "query"))
     scores = adapter.transform_document(docs.vectors) @ q[0]
     best = {DOCS[o]["id"]: max(s for s, oo in zip(scores, docs.owner) if oo == o) for o in range(len(DOCS))}
-    assert [h.id for h in result.hits[0]] == sorted(best, key=lambda d: -best[d])[:3]
+    assert [h.id for h in result.results[0].hits] == sorted(best, key=lambda d: -best[d])[:3]
     assert result.adapter == "both-linear@1"
 
 
@@ -118,7 +121,7 @@ def test_overload_is_a_429_with_retry_after(engine):
     """Past max_concurrent requests in progress, the next is refused at once (never queued without bound)."""
     from litestar.testing import TestClient
 
-    from embedlift.service.app import create_app
+    from embedlift.service.http import create_app
 
     engine.admission.limit = 1
     with engine.admission, pytest.raises(OverloadedError, match="maximum 1"), engine.admission:

@@ -29,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from embedlift.models.checkpoint import replace_dir
 from embedlift.models.encoders import LocalEncoder
 from embedlift.models.errors import InvalidInputError
+from embedlift.models.spec import BaseSpec, load_base
 from embedlift.training.dataset import QADataset
 from embedlift.training.fit import SELECTION_METRIC, evaluate_adapter
 from embedlift.training.formats import LabelledDataset
@@ -58,7 +60,6 @@ class FinetuneSettings:
         eval_steps: Evaluate (and keep the best) every this many steps; ``None``: once per epoch.
         max_negatives: Hard negatives per pair from the dataset, as extra columns (``0``: in-batch only).
         margin: Cosine margin of the labelled-data triplet loss.
-        max_seq_length: Token limit while training; ``None`` keeps the model's.
         seed: Seeds the trainer (shuffling, dropout).
     """
 
@@ -69,7 +70,6 @@ class FinetuneSettings:
     eval_steps: int | None = None
     max_negatives: int = 1
     margin: float = 0.2
-    max_seq_length: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -168,8 +168,16 @@ def pair_rows(train: QADataset, data: EmbeddedDataset, max_negatives: int) -> tu
     return columns, k
 
 
-def finetune(
-    base: str | None,
+def local_base(base: BaseSpec) -> LocalEncoder:
+    """The sentence-transformers model a fine-tune trains (a remote or model-free base cannot be fine-tuned)."""
+    encoder = load_base(base)
+    if not isinstance(encoder, LocalEncoder) or encoder.backend != "torch":
+        raise InvalidInputError(f"only a local sentence-transformers base in float32 can be fine-tuned, not {encoder.name} ({base.as_flags()})")
+    return encoder
+
+
+def finetune_model(
+    base: BaseSpec,
     train: QADataset | LabelledDataset,
     val: QADataset,
     out: str | Path,
@@ -180,7 +188,8 @@ def finetune(
     """Fine-tune ``base`` on ``train``, keep the best step on ``val``, write the model to ``out``.
 
     Args:
-        base: Local model directory or hub id (``None``: the packaged MiniLM).
+        base: The base specification (a local model; its prompts are the training columns' prompts, as they
+            are at serving time, and its ``max_seq_length`` the training token limit).
         train: Query/passage pairs (with optional hard negatives) or labelled texts.
         val: The validation split as a retrieval task (labelled data: ``LabelledDataset.to_retrieval``).
         out: Model directory to write (replaced atomically).
@@ -198,7 +207,7 @@ def finetune(
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     started = time.perf_counter()
-    encoder = LocalEncoder(base, max_seq_length=settings.max_seq_length)
+    encoder = local_base(base)
     model = encoder.model
     if isinstance(train, LabelledDataset):
         names = sorted(set(train.labels))
@@ -237,6 +246,7 @@ def finetune(
             report_to="none",
             logging_steps=max(1, settings.eval_steps or 10),
             disable_tqdm=not progress,
+            prompts=_column_prompts(encoder, k, isinstance(train, LabelledDataset)),
         )
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss, evaluator=evaluator,
@@ -247,7 +257,7 @@ def finetune(
         val_metrics = windowed_metrics(encoder, val)  # the best step's weights, reloaded by the trainer
         improved = val_metrics[SELECTION_METRIC] > base_val[SELECTION_METRIC]
         if not improved:
-            encoder = LocalEncoder(base, max_seq_length=settings.max_seq_length)
+            encoder = local_base(base)
             val_metrics = base_val
         result = FinetuneResult(
             improved=improved, base_val=base_val, val=val_metrics, best_step=best_step if improved else 0,
@@ -256,7 +266,7 @@ def finetune(
         staged = work / "model"
         encoder.model.save(str(staged))
         info = {
-            "base": encoder.source if base is None else base, "settings": settings.to_dict(),
+            "base": encoder.source, "spec": msgspec.to_builtins(encoder.spec), "settings": settings.to_dict(),
             "labelled": isinstance(train, LabelledDataset), "train_rows": n_rows, "negatives_per_row": k,
             "improved": improved, "best_step": result.best_step, "seconds": result.seconds,
             "base_val": base_val, "val": val_metrics, "history": evaluator.history,
@@ -266,6 +276,17 @@ def finetune(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _column_prompts(encoder: LocalEncoder, negatives: int, labelled: bool) -> dict[str, str] | None:
+    """Each training column's prompt (queries the query prompt, passages the document prompt), so the model
+    trains on the inputs it will serve; ``None`` when the base has no prompts."""
+    query, document = encoder.prompt("query"), encoder.prompt("document")
+    if not (query or document):
+        return None
+    if labelled:
+        return {"text": document}
+    return {"anchor": query, "positive": document, **{f"negative_{j + 1}": document for j in range(negatives)}}
 
 
 def _best_step(checkpoint: str | None) -> int:

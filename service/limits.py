@@ -1,0 +1,42 @@
+"""Request limits, checked first, before any work; every message states the limit and the value, and names the
+setting that raises it (TEI's convention: "batch size 40 > maximum allowed batch size 32")."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from embedlift.models.errors import InvalidInputError, TooLargeError
+from embedlift.service.schemas import Document, is_blank
+from embedlift.service.settings import Settings
+
+
+def check_texts(texts: Sequence[str], settings: Settings, what: str = "input") -> None:
+    """Inputs of an embedding or search request: not empty, not blank, within the count and size limits."""
+    if not texts:
+        raise InvalidInputError(f"{what} is empty; send a string or a non-empty list of strings")
+    if len(texts) > settings.max_inputs:
+        raise TooLargeError(f"{len(texts)} inputs > maximum allowed {settings.max_inputs} per request; split the batch")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_input_chars:
+            raise TooLargeError(f"{what}[{i}] has {len(text)} characters > maximum allowed {settings.max_input_chars}; split it")
+        if is_blank(text):
+            raise InvalidInputError(f"{what}[{i}] is empty; every input must contain text")
+
+
+def check_k(k: int, settings: Settings) -> None:
+    if k > settings.max_k:
+        raise TooLargeError(f"k={k} > maximum allowed {settings.max_k}")
+
+
+def check_documents(docs: Sequence[Document], settings: Settings) -> None:
+    """An upsert: the document count, each text's size, no blank text, ids unique within the request."""
+    if len(docs) > settings.max_documents:
+        raise TooLargeError(f"{len(docs)} documents > maximum allowed {settings.max_documents} per request; split the upsert")
+    for i, d in enumerate(docs):
+        if len(d.text) > settings.max_input_chars:
+            raise TooLargeError(f"documents[{i}] ({d.id!r}) has {len(d.text)} characters > maximum allowed {settings.max_input_chars}; split it")
+        if is_blank(d.text):
+            raise InvalidInputError(f"documents[{i}] ({d.id!r}) has empty text; every document must contain text")
+    if dupes := sorted(doc_id for doc_id, n in Counter(d.id for d in docs).items() if n > 1):
+        raise InvalidInputError(f"document ids must be unique in one upsert; repeated: {dupes[:5]}")
