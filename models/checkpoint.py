@@ -298,19 +298,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected: BaseInfo | None =
         adapter = build_adapter(config.adapter_config())
     except InvalidInputError as exc:
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: {exc.message}") from exc
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    wanted = adapter.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match a {config.kind} adapter of dim {config.dim}: "
             f"missing tensors {missing}, unexpected tensors {unexpected}"
         )
     for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        if tuple(tensor.shape) != tuple(wanted[key].shape):
             raise CheckpointError(
                 f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[key].shape)} for a {config.kind} adapter of dim {config.dim}"
+                f"expected {tuple(wanted[key].shape)} for a {config.kind} adapter of dim {config.dim}"
             )
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{weights}: tensor {key!r} contains NaN or infinite values")

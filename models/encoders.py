@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_BASE", "Encoder", "LocalEncoder", "Role"]
 def check_role(role: str) -> Role:
     if role not in ROLES:
         raise InvalidInputError(f"role must be one of {list(ROLES)}, got {role!r}")
-    return role  # type: ignore[return-value]
+    return role
 
 
 class Encoder(ABC):
@@ -194,7 +194,7 @@ class LocalEncoder(Encoder):
             ) from exc
         if max_seq_length is not None:
             self.model.max_seq_length = max_seq_length
-        self.max_seq_length = int(self.model.max_seq_length)
+        self.max_seq_length = int(self.model.max_seq_length or 512)
         self.batch_size = batch_size
         own = getattr(self.model, "prompts", {}) or {}
         self._prompts: dict[Role, str] = {
@@ -204,7 +204,9 @@ class LocalEncoder(Encoder):
             else own.get("document", own.get("passage", "")),
         }
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        if (dim := get_dim()) is None:
+            raise InvalidInputError(f"{self.name} does not state its embedding dimension; it is not a sentence-transformers embedding model")
+        self.dim = int(dim)
         # Window planning and token counts run in request threads while the model tokenizes in its own; a
         # Rust tokenizer's padding/truncation state is shared and mutated per call, so each side has its own.
         self.tokenizer = copy.deepcopy(self.model.tokenizer)
@@ -223,10 +225,7 @@ class LocalEncoder(Encoder):
             raise InvalidInputError(
                 f"window_stride must be between 1 and window_tokens={self.window_tokens}, got {self.window_stride}"
             )
-        modules = [
-            {"type": type(m).__name__, "config": m.get_config_dict() if hasattr(m, "get_config_dict") else {}}
-            for m in self.model
-        ]
+        modules = [{"type": type(m).__name__, "config": _module_config(m)} for m in self.model]
         self.fingerprint = f"{_slug(self.name)}:" + _digest(
             {
                 "weights": _weights_digest(self.model),
@@ -291,6 +290,12 @@ class LocalEncoder(Encoder):
             "window_stride": self.window_stride,
             "backend": self.backend,
         }
+
+
+def _module_config(module: Any) -> dict[str, Any]:
+    """A sentence-transformers module's settings (pooling mode, normalisation), part of the fingerprint."""
+    get = getattr(module, "get_config_dict", None)
+    return get() if callable(get) else {}
 
 
 def available_cores() -> int:

@@ -118,14 +118,23 @@ class RemoteError(EmbedliftError):
     http_description = "a remote base (an OpenAI-protocol server) refused or failed the request after retries; the message says which and why"
 
 
-def status_table() -> dict[int, str]:
-    """``{status: description}`` of every status the tree produces, from the most general class of each."""
-    table: dict[int, str] = {}
+def _most_general() -> dict[int, type[EmbedliftError]]:
+    """The most general class of each status the tree produces (breadth first from the root)."""
+    found: dict[int, type[EmbedliftError]] = {}
     pending: list[type[EmbedliftError]] = [EmbedliftError]
     while pending:
-        cls = pending.pop(0)  # breadth first: a status is described by its most general class
-        description = cls.__dict__.get("http_description")
-        if description is not None:
-            table.setdefault(cls.status_code, description)
+        cls = pending.pop(0)
+        if "http_description" in cls.__dict__:
+            found.setdefault(cls.status_code, cls)
         pending += cls.__subclasses__()
-    return dict(sorted(table.items()))
+    return dict(sorted(found.items()))
+
+
+def status_table() -> dict[int, str]:
+    """``{status: description}`` of every status the tree produces."""
+    return {status: cls.__dict__["http_description"] for status, cls in _most_general().items()}
+
+
+def status_codes() -> dict[int, str]:
+    """``{status: code}``: the ``code`` an error body carries for each status."""
+    return {status: cls.code for status, cls in _most_general().items()}

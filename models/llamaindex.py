@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from embedlift.models.adapters import Adapter, AdapterConfig, ApplyTo, build_adapter
+from embedlift.models.adapters import Adapter, AdapterConfig, ApplyTo, LinearAdapter, MLPAdapter, build_adapter
 from embedlift.models.errors import CheckpointError
 
 CONFIG = "config.json"
@@ -75,6 +75,7 @@ def _take(folder: Path, state: dict[str, torch.Tensor], key: str, shape: tuple[i
 def _linear(folder: Path, config: dict, state: dict[str, torch.Tensor], apply_to: ApplyTo) -> Adapter:
     dim, bias = int(config["in_features"]), bool(config.get("bias", False))
     adapter = build_adapter(AdapterConfig(kind="linear", dim=dim, apply_to=apply_to, bias=bias))
+    assert isinstance(adapter, LinearAdapter)
     with torch.no_grad():
         adapter.linear.weight.copy_(_take(folder, state, "linear.weight", (dim, dim)))
         if bias:
@@ -90,6 +91,7 @@ def _two_layer(folder: Path, config: dict, state: dict[str, torch.Tensor], apply
         )
     dim, hidden = int(config["in_features"]), int(config["hidden_features"])
     adapter = build_adapter(AdapterConfig(kind="mlp", dim=dim, apply_to=apply_to, hidden_dim=hidden))
+    assert isinstance(adapter, MLPAdapter)
     residual = _take(folder, state, "residual_weight", (1,))
     with torch.no_grad():
         adapter.hidden.weight.copy_(_take(folder, state, "linear1.weight", (hidden, dim)))

@@ -228,7 +228,7 @@ class OpenAIEncoder(Encoder):
             for future, n in futures.items():
                 out[n] = future.result()
                 bar.update(ranges[n][1] - ranges[n][0])
-        vectors = np.concatenate(out)  # type: ignore[arg-type]
+        vectors: np.ndarray = np.concatenate([v for v in out if v is not None])
         if self._dim is None:
             self._dim = vectors.shape[1]
         return vectors

@@ -143,7 +143,7 @@ def _open(args: argparse.Namespace, spec: BaseSpec | None = None) -> Any:
 
 # --------------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from embedlift.models.adapters import ENTRY_POINT_GROUP, adapter_kinds
+    from embedlift.models.adapters import ENTRY_POINT_GROUP, ApplyTo, adapter_kinds
     from embedlift.training.fit import FitSettings
     from embedlift.training.formats import LabelledDataset, read_dataset
     from embedlift.training.pipeline import train_adapter
@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = base_spec(args)
     ds = read_dataset(args.dataset, args.format)
     # labelled texts are both what is searched for and what is searched: the adapter must move both sides
-    apply_to = args.apply_to or ("both" if isinstance(ds, LabelledDataset) else "query")
+    apply_to: ApplyTo = args.apply_to or ("both" if isinstance(ds, LabelledDataset) else "query")
     settings = FitSettings(
         kind=args.kind, apply_to=apply_to, bias=args.bias, hidden_dim=args.hidden_dim, options=_options(args.option),
         loss=args.loss, margin=args.margin, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -124,7 +125,7 @@ def windowed_metrics(encoder: LocalEncoder, val: QADataset) -> dict[str, float]:
     return evaluate_adapter(embed_dataset(encoder, val), None)
 
 
-def _evaluator(encoder: LocalEncoder, val: QADataset):
+def _evaluator(encoder: LocalEncoder, val: QADataset) -> Any:
     from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
     class EmbedliftEvaluator(SentenceEvaluator):
@@ -180,7 +181,7 @@ def finetune_model(
     base: BaseSpec,
     train: QADataset | LabelledDataset,
     val: QADataset,
-    out: str | Path,
+    out: str | os.PathLike[str],
     settings: FinetuneSettings,
     *,
     progress: bool = True,
@@ -209,6 +210,8 @@ def finetune_model(
     started = time.perf_counter()
     encoder = local_base(base)
     model = encoder.model
+    rows: dict[str, list[Any]]
+    loss: Any
     if isinstance(train, LabelledDataset):
         names = sorted(set(train.labels))
         rows = {"text": train.texts, "label": [names.index(label) for label in train.labels]}
@@ -236,7 +239,7 @@ def finetune_model(
             eval_strategy=strategy,
             save_strategy=strategy,
             eval_steps=settings.eval_steps,
-            save_steps=settings.eval_steps,
+            save_steps=settings.eval_steps or 500,  # read only with the "steps" strategy
             save_total_limit=2,
             load_best_model_at_end=True,
             metric_for_best_model=f"eval_{EVALUATOR_NAME}_{SELECTION_METRIC}",

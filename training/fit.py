@@ -235,7 +235,8 @@ class _LabelledObjective:
 
         self.data, self.settings, self.rng = data, settings, rng
         self.vectors, self.labels = torch.from_numpy(data.vectors), torch.from_numpy(data.labels)
-        self.semi_hard = BatchSemiHardTripletLoss(None, distance_metric=BatchHardTripletLossDistanceFunction.cosine_distance, margin=settings.margin)
+        # the loss's batch function only: the adapter, not a SentenceTransformer, produces the embeddings
+        self.semi_hard = BatchSemiHardTripletLoss(None, distance_metric=BatchHardTripletLossDistanceFunction.cosine_distance, margin=settings.margin)  # type: ignore[arg-type]
 
     def batches(self) -> Iterator[np.ndarray]:
         """Texts grouped by label in pairs, pairs shuffled: every batch has positives for its anchors (what

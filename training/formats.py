@@ -29,7 +29,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -112,7 +112,7 @@ class _LabelledLine(msgspec.Struct, forbid_unknown_fields=True):
     label: str | int
 
 
-_LINE_TYPES: dict[str, type[msgspec.Struct]] = {"pairs": _PairLine, "cohere": _CohereLine, "labelled": _LabelledLine}
+LineT = TypeVar("LineT", _PairLine, _CohereLine, _LabelledLine)
 
 
 class _QABuilder:
@@ -194,7 +194,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, line
 
 
-def _decode_line(line: bytes, kind: type[msgspec.Struct], where: str) -> msgspec.Struct:
+def _decode_line(line: bytes, kind: type[LineT], where: str) -> LineT:
     try:
         record = msgspec.json.decode(line, type=kind)
     except msgspec.ValidationError as exc:
@@ -232,25 +232,25 @@ def read_dataset(path: str | os.PathLike[str], fmt: Format | None = None) -> Any
         return load_dataset(p)
     if fmt == "csv":
         return _read_csv(p)
-    kind = _LINE_TYPES[fmt]
     if fmt == "labelled":
         texts, labels = [], []
         for number, line in _lines(p):
-            record = _decode_line(line, kind, f"{p}:{number}")
-            texts.append(record.text)
-            labels.append(str(record.label))
+            text = _decode_line(line, _LabelledLine, f"{p}:{number}")
+            texts.append(text.text)
+            labels.append(str(text.label))
         return _labelled(texts, labels, str(p))
     builder = _QABuilder()
     for number, line in _lines(p):
         where = f"{p}:{number}"
-        record = _decode_line(line, kind, where)
         if fmt == "pairs":
-            negatives = [*([record.negative] if record.negative is not None else []), *record.negatives]
-            builder.add(record.query, [record.positive], negatives, where)
+            pair = _decode_line(line, _PairLine, where)
+            negatives = [*([pair.negative] if pair.negative is not None else []), *pair.negatives]
+            builder.add(pair.query, [pair.positive], negatives, where)
         else:
-            if not record.relevant_passages:
+            cohere = _decode_line(line, _CohereLine, where)
+            if not cohere.relevant_passages:
                 raise DatasetError(f"{where}: field 'relevant_passages' is empty: a query needs at least one relevant passage")
-            builder.add(record.query, record.relevant_passages, record.hard_negatives, where)
+            builder.add(cohere.query, cohere.relevant_passages, cohere.hard_negatives, where)
     if not builder.queries:
         raise DatasetError(f"{p} has no lines")
     return builder.build(str(p))
@@ -259,7 +259,7 @@ def read_dataset(path: str | os.PathLike[str], fmt: Format | None = None) -> Any
 def _labelled(texts: list[str], labels: list[str], source: str) -> LabelledDataset:
     if not texts:
         raise DatasetError(f"{source} has no lines")
-    counts = defaultdict(int)
+    counts: defaultdict[str, int] = defaultdict(int)
     for label in labels:
         counts[label] += 1
     if len(counts) < 2:
@@ -345,7 +345,8 @@ def dataset_bytes(ds: AnyDataset, fmt: Format, *, drop_unreferenced: bool = Fals
             f"{len(lost)} corpus documents are named by no query (e.g. {lost[0]!r}); {fmt} has no line for them. "
             "Keep llamaindex JSON, or pass --drop-unreferenced to leave them out"
         )
-    lines = []
+    lines: list[dict[str, Any]] = []
+    rows: list[tuple[str, ...]] = []
     for q, text in ds.queries.items():
         positives = [ds.corpus[d] for d in ds.relevant_docs[q]]
         negatives = [ds.corpus[d] for d in ds.hard_negatives.get(q, [])]
@@ -354,12 +355,12 @@ def dataset_bytes(ds: AnyDataset, fmt: Format, *, drop_unreferenced: bool = Fals
         elif fmt == "pairs":
             lines += [{"query": text, "positive": p, **({"negatives": negatives} if negatives else {})} for p in positives]
         else:  # csv: enough rows that every positive and every negative appears; reading merges them again
-            rows = max(len(positives), len(negatives))
-            lines += [(text, positives[i % len(positives)], *([negatives[i % len(negatives)]] if negatives else [])) for i in range(rows)]
+            n = max(len(positives), len(negatives))
+            rows += [(text, positives[i % len(positives)], *([negatives[i % len(negatives)]] if negatives else [])) for i in range(n)]
     if fmt == "csv":
         triplets = any(ds.hard_negatives.values())
         header = ("query", "positive", "negative") if triplets else ("query", "positive")
-        return _csv([header, *[row if len(row) == len(header) else (*row, "") for row in lines]])
+        return _csv([header, *[row if len(row) == len(header) else (*row, "") for row in rows]])
     return b"".join(msgspec.json.encode(line) + b"\n" for line in lines)
 
 
@@ -375,7 +376,8 @@ def write_dataset(ds: AnyDataset, path: str | os.PathLike[str], fmt: Format | No
     p = Path(path)
     if fmt is None:
         suffix = p.suffix.lower()
-        fmt = {".json": "llamaindex", ".csv": "csv"}.get(suffix) or (
+        by_suffix: dict[str, Format] = {".json": "llamaindex", ".csv": "csv"}
+        fmt = by_suffix.get(suffix) or (
             ("labelled" if isinstance(ds, LabelledDataset) else "pairs") if suffix in (".jsonl", ".ndjson") else None
         )
         if fmt is None:

@@ -95,7 +95,7 @@ def read_documents(paths: Sequence[Path]) -> tuple[list[tuple[str, int | None, s
             if suffix == ".pdf":
                 from pypdf import PdfReader
 
-                pages = [(i + 1, page.extract_text() or "") for i, page in enumerate(PdfReader(f).pages)]
+                pages: list[tuple[int | None, str]] = [(i + 1, page.extract_text() or "") for i, page in enumerate(PdfReader(f).pages)]
             elif suffix in TEXT_SUFFIXES:
                 pages = [(None, f.read_text(encoding="utf-8"))]
             else:
@@ -128,15 +128,16 @@ def chunk_text(text: str, chunk_words: int = 200, overlap_words: int = 30) -> li
     for s in split_sentences(text):
         words = s.split()
         sentences += [words[i : i + chunk_words] for i in range(0, len(words), chunk_words)]
-    chunks, current = [], []
+    chunks: list[str] = []
+    current: list[list[str]] = []
     for sentence in sentences:
         if current and sum(map(len, current)) + len(sentence) > chunk_words:
             chunks.append(" ".join(w for s in current for w in s))
             keep: list[list[str]] = []
-            for s in reversed(current):
-                if sum(map(len, keep)) + len(s) > overlap_words:
+            for earlier in reversed(current):
+                if sum(map(len, keep)) + len(earlier) > overlap_words:
                     break
-                keep.insert(0, s)
+                keep.insert(0, earlier)
             current = keep
         current.append(sentence)
     if current:

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import os
+from typing import Any
 from pathlib import Path
 
 from rich.markup import escape
@@ -33,7 +34,7 @@ def comparison_table(comparison: Comparison, title: str = "") -> Table:
     return table
 
 
-def _figure(comparison: Comparison):
+def _figure(comparison: Comparison) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -20,13 +20,15 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 from embedlift.service.collections.base import Changes, CollectionConfig, CollectionIndex, CollectionStore, Filter, split_key
 from embedlift.service.schemas import SearchHit
 
 logger = logging.getLogger(__name__)
+# faiss's bundled stubs (faiss/__init__.pyi) lack SearchParametersHNSW, IDSelector attributes and more: untyped.
+faiss: Any = _faiss
 
 AUTO_HNSW_WINDOWS = 20_000  # ``auto``: exact search up to this many windows, HNSW beyond
 REBUILD_FRACTION = 0.25  # HNSW: rebuild once deleted keys are this share of the graph

@@ -34,7 +34,8 @@ def encode_vector(v: np.ndarray, encoding_format: str) -> list[float] | str:
     """A float list, or base64 of little-endian float32 (what the openai SDK asks for by default)."""
     if encoding_format == "base64":
         return base64.b64encode(v.astype("<f4").tobytes()).decode()
-    return v.tolist()  # type: ignore[no-any-return]
+    values: list[float] = v.tolist()
+    return values
 
 
 def encode_result(result: EmbedResult, encoding_format: str) -> list[Embedding]:

@@ -14,16 +14,13 @@ from typing import Any
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
-from embedlift.models.errors import EmbedliftError
+from embedlift.models.errors import EmbedliftError, status_codes
 from embedlift.service.schemas import ErrorBody, OpenAIError, OpenAIErrorDetail
 
 logger = logging.getLogger(__name__)
 
-#: Codes for Litestar's own errors.
-HTTP_CODES = {
-    400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "overloaded",
-}
+#: Codes for Litestar's own errors: the error tree's, and two statuses only the framework produces.
+HTTP_CODES = {**status_codes(), 405: "method_not_allowed", 415: "unsupported_media_type"}
 
 
 def error_response(request: Request[Any, Any, Any], status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response[Any]:

@@ -10,7 +10,7 @@ from typing import Annotated
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
+from litestar.openapi.spec import Components, OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
 from litestar.params import Parameter
 
 from embedlift.models.errors import status_table
@@ -20,7 +20,7 @@ from embedlift.service.schemas import BODY_RULES, NAME_PATTERN, ErrorBody, OpenA
 NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, description="a collection or adapter name")]
 READ = {"auth": "read"}
 ADMIN = {"auth": "admin"}
-SECURITY = [{"bearer": []}]
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 #: Every status a route can answer with, described once (derived from the error tree).
 STATUS_TABLE = status_table()
 
@@ -54,7 +54,7 @@ class OptionalBodyOperation(Operation):
     """A route whose JSON body may be left out (Litestar declares every body required)."""
 
     def __post_init__(self) -> None:
-        if self.request_body is not None:
+        if isinstance(self.request_body, RequestBody):
             self.request_body.required = False
 
 
@@ -76,8 +76,8 @@ class RegisterAdapterOperation(Operation):
                         additional_properties=False,
                     )
                 ),
-                "application/x-tar": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary")),
-                "application/gzip": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary")),
+                "application/x-tar": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)),
+                "application/gzip": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)),
             },
         )
 
