@@ -90,7 +90,8 @@ def run_embedlift(split_name: str, train_ds: QADataset, test_ds: QADataset, enco
 def run_finetune(split_name: str, train_ds: QADataset, test_ds: QADataset, workdir: Path, *, negatives: bool) -> Row:
     """`embedlift finetune` with its defaults (and, with ``negatives``, on the dataset `data mine-negatives`
     writes); timed from the dataset to the written model, mining included."""
-    from embedlift.training.finetune import FinetuneSettings, finetune
+    from embedlift.models.spec import BaseSpec
+    from embedlift.training.finetuning import FinetuneSettings, finetune_model
     from embedlift.training.negatives import MiningSettings, mine
 
     started = time.perf_counter()
@@ -99,7 +100,7 @@ def run_finetune(split_name: str, train_ds: QADataset, test_ds: QADataset, workd
         base = CachedEncoder(LocalEncoder(), EmbeddingCache(workdir / f"{split_name[0]}-mine.sqlite3"), progress=False)
         fit_ds, _ = mine(fit_ds, embed_dataset(base, fit_ds), MiningSettings())
     out = workdir / f"ft-{split_name[0]}-{negatives}"
-    finetune(None, fit_ds, val_ds, out, FinetuneSettings(), progress=False)
+    finetune_model(BaseSpec(), fit_ds, val_ds, out, FinetuneSettings(), progress=False)
     seconds = time.perf_counter() - started
     tuned = LocalEncoder(out)
     name = "full fine-tune" + (" + mined negatives" if negatives else "")

@@ -343,7 +343,7 @@ def cmd_data_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from embedlift.training.finetune import FinetuneSettings
+    from embedlift.training.finetuning import FinetuneSettings
     from embedlift.training.pipeline import finetune
 
     settings = FinetuneSettings(

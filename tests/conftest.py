@@ -28,6 +28,17 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
+def hashing():
+    """The model-free base (``hashing:64``): a real, deterministic encoder for tests where the model is not the
+    subject (stores, indexes, registry, auth, limits, the HTTP layer)."""
+    from embedlift.models.spec import BaseSpec, load_base
+
+    from tests.helpers import HASHING
+
+    return load_base(BaseSpec(model=HASHING))
+
+
+@pytest.fixture(scope="session")
 def lyft() -> dict:
     if not LYFT.is_file():
         pytest.skip(f"the Lyft dataset is not at {LYFT} (set EMBEDLIFT_LYFT_DATA)")
@@ -59,7 +70,7 @@ def shared_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def remote(tmp_path_factory):
     """A remote base for `--base openai:base`: embedlift serving the packaged MiniLM with no adapter on a
-    loopback port (a real server speaking the OpenAI embeddings protocol)."""
+    loopback port (a real server speaking the OpenAI embeddings protocol, the real model behind it)."""
     from tests.helpers import start_server, stop_server
 
     root = tmp_path_factory.mktemp("remote")

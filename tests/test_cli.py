@@ -1,24 +1,21 @@
-"""The `embedlift` CLI end to end, as a user runs it: real processes, real files, the real model."""
+"""The `embedlift` CLI end to end: the real entry point (argument parsing, the library, the one-line errors),
+real files, the real model. Commands run in this process (``run_cli``); ``test_spec.py`` runs the real
+executable for the one-line errors and exit codes."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
 from embedlift.models.adapters import AdapterConfig, build_adapter
 from embedlift.models.checkpoint import BaseInfo, save_checkpoint
 
+from tests.helpers import Ran, run_cli
 
-def run(*args: str, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EMBEDLIFT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "embedlift.service.cli", *args], capture_output=True, text=True, env=env, timeout=600
-    )
+
+def run(*args: str, cache: Path, check: bool = True) -> Ran:
+    proc = run_cli(*args, env={"EMBEDLIFT_CACHE": str(cache)})
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -33,6 +30,7 @@ def trained(lyft_slice, shared_cache, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_train_writes_a_checkpoint_with_settings_and_metrics(trained):
     out, proc = trained
     config = json.loads((out / "config.json").read_text())
@@ -55,6 +53,7 @@ def test_eval_json_is_only_json_and_the_adapter_beats_base(trained, lyft_slice, 
     assert "0 computed" in proc.stderr  # every base vector came from the cache
 
 
+@pytest.mark.slow
 def test_eval_on_the_int8_backend_shows_what_it_costs(trained, lyft_slice, shared_cache):
     """`--backend int8` evaluates the float32 rows (cached) and the int8 rows in one table: the adapter
     trained on float32 runs on int8 vectors, with a warning, and every delta is against float32's base."""
@@ -67,6 +66,7 @@ def test_eval_on_the_int8_backend_shows_what_it_costs(trained, lyft_slice, share
     assert "quality may drop" in proc.stderr
 
 
+@pytest.mark.slow
 def test_eval_table_and_report(trained, lyft_slice, shared_cache, tmp_path):
     out, _ = trained
     proc = run("eval", str(lyft_slice), "--adapter", str(out), "--k", "1,5", "--report", str(tmp_path / "r.html"), cache=shared_cache)
@@ -85,7 +85,7 @@ def test_second_train_runs_no_model_and_the_guard_speaks_plainly(trained, lyft_s
     assert json.loads((tmp_path / "m" / "config.json").read_text())["metrics"]["improved"] is False
 
 
-def _fail(*args, cache) -> str:
+def _fail(*args: str, cache: Path) -> str:
     proc = run(*args, cache=cache, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -10,11 +10,12 @@ import textwrap
 import time
 
 import pytest
-
 from embedlift.models.cache import CachedEncoder, EmbeddingCache
 from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service.collections import CollectionManager, NewDocument
+
+from tests.helpers import run_cli
 
 TOPICS = ["revenue growth", "ride sharing drivers", "autonomous vehicles", "insurance costs", "bike and scooter rentals"]
 LONG = " ".join(f"Paragraph {i} discusses {TOPICS[i % 5]} in detail for the annual report." for i in range(120))
@@ -156,10 +157,7 @@ def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
     assert "other-model:0123456789abcdef" in err.value.message and encoder.fingerprint in err.value.message
     assert "embedlift reindex docs" in err.value.message
     manager.close()
-    out = subprocess.run(
-        [sys.executable, "-m", "embedlift.service.cli", "reindex", "docs", "--data-dir", str(data_dir), "--cache", str(tmp_path / "c.sqlite3")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    out = run_cli("reindex", "docs", "--data-dir", str(data_dir), "--cache", str(tmp_path / "c.sqlite3"))
     assert out.returncode == 0, out.stderr
     fixed = CollectionManager(data_dir / "collections", encoder.fingerprint, encoder.dim)
     fixed.load_all()

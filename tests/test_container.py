@@ -23,9 +23,9 @@ from tests.helpers import REPO, free_port, make_adapter
 IMAGE = os.environ.get("EMBEDLIFT_IMAGE", "localhost/embedlift:test")
 ADMIN_KEY = "container-admin"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("EMBEDLIFT_CONTAINER_TEST") != "1", reason="set EMBEDLIFT_CONTAINER_TEST=1 to build and run the image"
-)
+)]
 
 
 def buildah(*args: str, **kwargs) -> subprocess.CompletedProcess:

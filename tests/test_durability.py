@@ -8,6 +8,7 @@ Damaged files on disk are found at start, named, and the service recovers from t
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import make_adapter, start_server
+from tests.helpers import app_client, make_adapter, start_server
 
 ADMIN_KEY = "crash-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -123,6 +124,7 @@ def check_recovered(url: str, load: Load, previously_active: str | None) -> None
         assert listing["active"] in candidates, (listing["active"], candidates)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_no_acknowledged_write(minilm, tmp_path):
     data, adapters = tmp_path / "data", tmp_path / "adapters"
     adapter_tar = tar_of(make_adapter(minilm, tmp_path / "src" / "a"))
@@ -163,17 +165,17 @@ def damage(path: Path, offset: int = 4096) -> None:
 
 
 @pytest.mark.parametrize("what", ["collection store", "active checkpoint", "registry state", "embedding cache"])
-def test_damaged_files_are_named_at_start_and_the_rest_recovers(minilm, tmp_path, what):
+def test_damaged_files_are_named_at_start_and_the_rest_recovers(hashing, tmp_path, what, caplog):
+    """The app started (in process, on the model-free base) over a data directory with one damaged file: the
+    damage is named at start, what it concerns is set aside or refused, and everything else serves."""
     data, adapters = tmp_path / "data", tmp_path / "adapters"
-    make_adapter(minilm, adapters / "good")
-    make_adapter(minilm, adapters / "other", seed=2)
-    proc, url = start_server(data, adapters, "--watch-interval", "0", "--adapter", "good", env={"EMBEDLIFT_ADMIN_KEY": ADMIN_KEY})
-    for name in ("hurt", "fine"):
-        httpx.put(f"{url}/collections/{name}", headers=ADMIN)
-        docs = [{"id": f"{name}-{i}", "text": f"{name} passage number {i} about rides and drivers"} for i in range(50)]
-        assert httpx.post(f"{url}/collections/{name}/documents", json={"documents": docs}, headers=ADMIN).status_code == 200
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0
+    make_adapter(hashing, adapters / "good")
+    make_adapter(hashing, adapters / "other", seed=2)
+    with app_client(data, adapters, adapter="good", admin_key=ADMIN_KEY, headers=ADMIN) as client:
+        for name in ("hurt", "fine"):
+            client.put(f"/collections/{name}")
+            docs = [{"id": f"{name}-{i}", "text": f"{name} passage number {i} about rides and drivers"} for i in range(50)]
+            assert client.post(f"/collections/{name}/documents", json={"documents": docs}).status_code == 200
     target = {
         "collection store": data / "collections" / "hurt" / "collection.sqlite3",
         "active checkpoint": adapters / "good" / "model.safetensors",
@@ -182,17 +184,16 @@ def test_damaged_files_are_named_at_start_and_the_rest_recovers(minilm, tmp_path
     }[what]
     damage(target, offset=4096 if target.suffix == ".sqlite3" else 8)
 
-    proc, url = start_server(data, adapters, "--watch-interval", "0", env={"EMBEDLIFT_ADMIN_KEY": ADMIN_KEY})
-    try:
-        fine = httpx.post(f"{url}/collections/fine/search", json={"query": "rides", "k": 3})
+    with caplog.at_level(logging.WARNING), app_client(data, adapters, admin_key=ADMIN_KEY) as client:
+        fine = client.post("/collections/fine/search", json={"query": "rides", "k": 3})
         assert fine.status_code == 200 and len(fine.json()["hits"]) == 3  # the rest serves
-        listing = httpx.get(f"{url}/adapters").json()
+        listing = client.get("/adapters").json()
         if what == "collection store":
-            info = httpx.get(f"{url}/collections/hurt").json()
+            info = client.get("/collections/hurt").json()
             assert info["status"] == "damaged" and str(target) in info["problem"]
-            r = httpx.post(f"{url}/collections/hurt/search", json={"query": "rides"})
+            r = client.post("/collections/hurt/search", json={"query": "rides"})
             assert r.status_code == 503 and str(target) in r.json()["detail"]
-            assert httpx.delete(f"{url}/collections/hurt", headers=ADMIN).status_code == 204  # and it can be removed
+            assert client.delete("/collections/hurt", headers=ADMIN).status_code == 204  # and it can be removed
         elif what == "active checkpoint":
             assert [a["name"] for a in listing["adapters"]] == ["other"] and listing["active"] is None
         elif what == "registry state":
@@ -200,7 +201,4 @@ def test_damaged_files_are_named_at_start_and_the_rest_recovers(minilm, tmp_path
             assert (data / "registry.json.damaged").is_file()
         else:
             assert list(data.glob("base-embeddings.sqlite3.damaged-*"))
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
-    assert str(target) in proc.stdout.read()  # the log names the file
+    assert str(target) in caplog.text  # the log names the file

@@ -15,13 +15,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from embedlift.models.encoders import LocalEncoder
-from embedlift.training.dataset import load_dataset
 from embedlift.models.spec import BaseSpec
-from embedlift.training.finetune import INFO_FILE, FinetuneSettings, finetune_model, pair_rows
+from embedlift.training.dataset import load_dataset
+from embedlift.training.finetuning import (
+    INFO_FILE,
+    FinetuneSettings,
+    finetune_model,
+    pair_rows,
+)
 from embedlift.training.retrieval import embed_dataset
-from tests.helpers import start_server, stop_server
+
+from tests.helpers import run_cli, start_server, stop_server
 
 pytest.importorskip("datasets", reason="the finetune extra (sentence-transformers[train]) is not installed")
 
@@ -30,6 +35,8 @@ pytest.importorskip("datasets", reason="the finetune extra (sentence-transformer
 NAMES = ["Alder", "Birch", "Cedar", "Dogwood", "Elm", "Fir", "Ginkgo", "Hazel", "Ivy", "Juniper", "Larch", "Maple",
          "Nutmeg", "Oak", "Pine", "Quince", "Rowan", "Spruce", "Teak", "Upas", "Vine", "Willow", "Yew", "Zelkova"]
 COLOURS = ["crimson", "teal", "amber", "violet", "olive", "indigo", "coral", "ochre"]
+
+pytestmark = pytest.mark.slow  # fine-tunes the real model
 
 
 def env() -> dict[str, str]:
@@ -76,11 +83,7 @@ def test_finetune_writes_a_model_usable_as_base(finetuned, minilm):
 
 
 def test_eval_compares_base_and_finetuned_on_one_table(finetuned, facts, tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "embedlift.service.cli", "eval", str(facts), "--finetuned", str(finetuned), "--json",
-         "--cache", str(tmp_path / "c.sqlite3")],
-        capture_output=True, text=True, env=env(), timeout=300,
-    )
+    run = run_cli("eval", str(facts), "--finetuned", str(finetuned), "--json", "--cache", str(tmp_path / "c.sqlite3"))
     assert run.returncode == 0, run.stderr[-2000:]
     table = json.loads(run.stdout)
     assert set(table) == {"base", finetuned.name}

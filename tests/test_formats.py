@@ -5,17 +5,20 @@ ranking and written into the dataset."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
 from embedlift.models.errors import DatasetError
 from embedlift.training.dataset import QADataset, load_dataset
-from embedlift.training.formats import LabelledDataset, dataset_bytes, read_dataset, write_dataset
+from embedlift.training.formats import (
+    LabelledDataset,
+    dataset_bytes,
+    read_dataset,
+    write_dataset,
+)
 from embedlift.training.negatives import MiningSettings, mine
 from embedlift.training.retrieval import embed_dataset
+
+from tests.helpers import run_cli
 
 PAIRS = """\
 {"query": "What drives revenue?", "positive": "Revenue depends on rides.", "negative": "Bikes are red."}
@@ -68,10 +71,7 @@ def test_convert_round_trips_through_every_format(tmp_path, fmt, suffix):
     src = tmp_path / "c.jsonl"
     src.write_text(COHERE)
     out = tmp_path / f"out{suffix}"
-    run = subprocess.run(
-        [sys.executable, "-m", "embedlift.service.cli", "data", "convert", str(src), "--out", str(out), "--to", fmt],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    run = run_cli("data", "convert", str(src), "--out", str(out), "--to", fmt)
     assert run.returncode == 0, run.stderr
     assert canonical(read_dataset(out, fmt)) == EXPECTED
     back = tmp_path / "back.jsonl"
@@ -164,11 +164,7 @@ def test_mine_negatives_command_writes_a_repeatable_dataset(tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text(PAIRS)
     out = tmp_path / "mined.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "embedlift.service.cli", "data", "mine-negatives", str(src), "--out", str(out),
-         "--num-negatives", "1", "--cache", str(tmp_path / "c.sqlite3")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    run = run_cli("data", "mine-negatives", str(src), "--out", str(out), "--num-negatives", "1", "--cache", str(tmp_path / "c.sqlite3"))
     assert run.returncode == 0, run.stderr
     ds = load_dataset(out)
     given = read_dataset(src)

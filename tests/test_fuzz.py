@@ -1,5 +1,6 @@
 """schemathesis against the app's own OpenAPI spec (what `/schema/openapi.json` serves), driving a real
-`embedlift serve` on loopback: every operation, seeded and bounded.
+`embedlift serve` on loopback (on the model-free base: the HTTP layer is what is tested): every operation,
+seeded and bounded.
 
 Every response must be a documented status with the documented content type and schema, never a 5xx; inputs
 the spec allows must be accepted and inputs it forbids refused. `benchmarks/fuzz.py` runs the same checks
@@ -13,14 +14,20 @@ import os
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, seed, settings
-from schemathesis.checks import allow_header_conformance, negative_data_rejection, positive_data_acceptance, unsupported_method
-
 from embedlift.service.cli import spec_bytes
-from tests.helpers import make_adapter, start_server, stop_server
+from hypothesis import HealthCheck, seed, settings
+from schemathesis.checks import (
+    allow_header_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
+    unsupported_method,
+)
+
+from tests.helpers import HASHING, make_adapter, start_server, stop_server
 
 READ_KEY, ADMIN_KEY = "fuzz-read", "fuzz-admin"
 EXAMPLES = int(os.environ.get("EMBEDLIFT_FUZZ_EXAMPLES", "25"))
+DIM = int(HASHING.split(":")[1])  # the served base's dimension
 SEED = int(os.environ["EMBEDLIFT_FUZZ_SEED"]) if os.environ.get("EMBEDLIFT_FUZZ_SEED") else None  # None: derandomized
 EXCLUDED = [
     # Litestar answers OPTIONS on every path (RFC 9110; CORS preflights): not an API operation. Its `Allow`
@@ -37,11 +44,11 @@ REFERENTIAL = {("POST", "/eval")}
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(minilm, tmp_path_factory):
+def fuzz_server(hashing, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("fuzz-adapters")
-    make_adapter(minilm, adapters / "fuzz-linear")
+    make_adapter(hashing, adapters / "fuzz-linear")
     proc, url = start_server(
-        tmp_path_factory.mktemp("fuzz-data"), adapters, "--api-key", READ_KEY, "--admin-key", ADMIN_KEY,
+        tmp_path_factory.mktemp("fuzz-data"), adapters, "--base", HASHING, "--api-key", READ_KEY, "--admin-key", ADMIN_KEY,
         "--watch-interval", "0", env={"EMBEDLIFT_MAX_INPUTS": "16", "EMBEDLIFT_MAX_DOCUMENTS": "16"},
     )
     yield url
@@ -58,10 +65,10 @@ schema = schemathesis.openapi.from_dict(json.loads(spec_bytes()), config=CONFIG)
 
 def fixed_case(case) -> None:
     """Two server rules JSON Schema cannot state, applied to the generated request instead of excluding the
-    operations: OpenAI's ``dimensions`` must be the model's own (384), and ids are unique within one upsert."""
+    operations: OpenAI's ``dimensions`` must be the model's own, and ids are unique within one upsert."""
     body = case.body if isinstance(case.body, dict) else {}
     if case.operation.path == "/v1/embeddings" and body.get("dimensions") is not None:
-        body["dimensions"] = 384
+        body["dimensions"] = DIM
     if case.operation.path.endswith("/documents") and isinstance(body.get("documents"), list):
         for i, doc in enumerate(body["documents"]):
             if isinstance(doc, dict) and isinstance(doc.get("id"), str):

@@ -135,6 +135,7 @@ def test_chunks_keep_whole_sentences_and_overlap():
     assert first_sentence_of_second in chunks[0]  # overlap: the next chunk repeats the last sentence
 
 
+@pytest.mark.slow
 def test_generate_from_text_markdown_and_pdf_then_train_on_a_remote_base(chat, remote, tmp_path):
     """The README's flow: generate with an LLM, then train over a remote base (both local protocol servers)."""
     docs = tmp_path / "docs"
@@ -162,6 +163,7 @@ def test_generate_from_text_markdown_and_pdf_then_train_on_a_remote_base(chat, r
     assert json.loads((tmp_path / "adapter" / "config.json").read_text())["base"]["name"] == "openai:base"
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_pays_each_chunk_once(chat, tmp_path):
     (tmp_path / "a.txt").write_text(essay(200))
     out = tmp_path / "data.json"
@@ -208,6 +210,7 @@ def test_wrong_key_stops_at_once_with_a_clear_error(chat, tmp_path):
     assert chat.requests <= 2
 
 
+@pytest.mark.slow
 def test_unreachable_llm_and_bad_inputs(tmp_path):
     (tmp_path / "a.txt").write_text(essay(5))
     (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4 this is not a pdf")

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
+
 from benchmarks.load import run_load
 from tests.helpers import make_adapter, start_server, stop_server
 
 SECONDS = float(os.environ.get("EMBEDLIFT_LOAD_SECONDS", "10"))
 RSS_GROWTH_MB = 300  # the request cache is bounded (256 MB by default), so is everything else on the path
+
+pytestmark = pytest.mark.slow  # a real server under 64 clients for 10 s
 
 
 def test_64_clients_with_adapter_swaps_every_100ms(minilm, tmp_path):

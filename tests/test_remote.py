@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
-
 from embedlift.models.cache import CachedEncoder, EmbeddingCache
 from embedlift.models.checkpoint import load_checkpoint
 from embedlift.models.errors import RemoteError
 from embedlift.models.remote import OpenAIEncoder, normalize_base_url, plan_char_windows
-from tests.helpers import start_server, stop_server
+
+from tests.helpers import Ran, run_cli, start_server, stop_server
 
 
 # ------------------------------------------------------------------------------- embedlift as the remote
@@ -34,6 +32,7 @@ def remote_calls(url: str) -> float:
     return sum(float(m) for m in re.findall(r'embedlift_requests_total\{[^}]*path="/v1/embeddings"[^}]*\} ([0-9.e+]+)', text))
 
 
+@pytest.mark.slow
 def test_remote_vectors_equal_the_local_model(remote, minilm):
     enc = OpenAIEncoder("base", base_url=f"{remote}/v1", api_key="unused")
     texts = ["How many riders did Lyft have?", "Revenue grew in 2021."]
@@ -63,13 +62,13 @@ def test_character_windows_cover_the_text_within_budget():
     assert len(enc.split([text], "document")[0]) > 1 and enc.split(["short"], "query") == [[(0, 5)]]
 
 
+@pytest.mark.slow
 def test_train_eval_serve_on_a_remote_base_and_a_second_run_pays_nothing(remote, lyft_slice, minilm, tmp_path):
     cache = tmp_path / "cache.sqlite3"
     base = ["--base", "openai:base", "--base-url", f"{remote}/v1", "--cache", str(cache)]
-    env_run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "embedlift.service.cli", *args], capture_output=True, text=True,
-        env={**__import__("os").environ, "OPENAI_API_KEY": "unused", "HF_HUB_OFFLINE": "1"},
-    )
+    def env_run(*args: str) -> Ran:
+        return run_cli(*args, env={"OPENAI_API_KEY": "unused"})
+
     first = env_run("train", str(lyft_slice), "--kind", "linear", "--epochs", "3", "--out", str(tmp_path / "a1"), *base)
     assert first.returncode == 0, first.stderr
     calls = remote_calls(remote)

@@ -1,5 +1,8 @@
 """Security: every route behind its scope (found by walking the route table, so a new route cannot be left
-open by mistake), keys never in logs or reprs, no pickle anywhere, CORS off unless configured, body limits."""
+open by mistake), keys never in logs or reprs, no pickle anywhere, CORS off unless configured, body limits.
+
+The route walk and the limits run against the app in process (the model-free base: the model is not what is
+tested); the log check runs a real `embedlift serve` with uvicorn's access log on."""
 
 from __future__ import annotations
 
@@ -7,10 +10,18 @@ import re
 
 import httpx
 import pytest
-
+from embedlift.models.spec import BaseSpec
 from embedlift.service.http import create_app
 from embedlift.service.settings import Settings
-from tests.helpers import REPO, make_adapter, start_server, stop_server
+
+from tests.helpers import (
+    HASHING,
+    REPO,
+    app_client,
+    make_adapter,
+    start_server,
+    stop_server,
+)
 
 READ_KEY, ADMIN_KEY = "sec-read-3f9c1a", "sec-admin-77d2e0"
 # Routes anyone may call: liveness, readiness, the spec and its page, metrics (public by default).
@@ -19,15 +30,11 @@ PUBLIC_PREFIXES = ("/schema", "/ui")  # the playground's static files (it calls 
 
 
 @pytest.fixture(scope="module")
-def secured(minilm, tmp_path_factory):
+def secured(hashing, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("sec-adapters")
-    make_adapter(minilm, adapters / "a")
-    proc, url = start_server(
-        tmp_path_factory.mktemp("sec-data"), adapters, "--watch-interval", "0",
-        env={"EMBEDLIFT_API_KEY": READ_KEY, "EMBEDLIFT_ADMIN_KEY": ADMIN_KEY},
-    )
-    yield {"url": url}
-    assert stop_server(proc) == 0
+    make_adapter(hashing, adapters / "a")
+    with app_client(tmp_path_factory.mktemp("sec-data"), adapters, api_key=READ_KEY, admin_key=ADMIN_KEY) as client:
+        yield client
 
 
 def operations() -> list[tuple[str, str, str]]:
@@ -45,7 +52,6 @@ def operations() -> list[tuple[str, str, str]]:
 
 
 def test_every_route_needs_its_key(secured):
-    url = secured["url"]
     ops = operations()
     assert len(ops) >= 20  # the walk saw the whole table
     for method, path, scope in ops:
@@ -54,11 +60,11 @@ def test_every_route_needs_its_key(secured):
             assert public, f"{method} {path} has no auth scope: give it opt=READ or opt=ADMIN"
             continue
         assert scope in ("read", "admin"), f"{method} {path}: unknown scope {scope!r}"
-        anonymous = httpx.request(method, url + path, json={})
+        anonymous = secured.request(method, path, json={})
         assert anonymous.status_code == 401, f"{method} {path} answered {anonymous.status_code} without a key"
-        wrong = httpx.request(method, url + path, json={}, headers={"Authorization": "Bearer not-a-key"})
+        wrong = secured.request(method, path, json={}, headers={"Authorization": "Bearer not-a-key"})
         assert wrong.status_code == 403, f"{method} {path} answered {wrong.status_code} to a wrong key"
-        as_reader = httpx.request(method, url + path, json={}, headers={"Authorization": f"Bearer {READ_KEY}"})
+        as_reader = secured.request(method, path, json={}, headers={"Authorization": f"Bearer {READ_KEY}"})
         if scope == "admin":
             assert as_reader.status_code == 403, f"{method} {path} let the read key through"
         else:
@@ -67,14 +73,14 @@ def test_every_route_needs_its_key(secured):
 
 def test_cors_is_off_unless_configured(secured, tmp_path):
     origin = {"Origin": "https://evil.example"}
-    r = httpx.get(f"{secured['url']}/health", headers=origin)
+    r = secured.get("/health", headers=origin)
     assert "access-control-allow-origin" not in r.headers
     preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
-    assert "access-control-allow-origin" not in httpx.options(f"{secured['url']}/embed", headers=preflight).headers
+    assert "access-control-allow-origin" not in secured.options("/embed", headers=preflight).headers
 
     from litestar.testing import TestClient
 
-    settings = Settings(cors_origins="https://rag.example", data_dir=tmp_path)
+    settings = Settings(cors_origins="https://rag.example", data_dir=tmp_path, base=BaseSpec(model=HASHING))
     with TestClient(create_app(settings)) as client:
         ok = client.options("/embed", headers={**preflight, "Origin": "https://rag.example"})
         assert ok.headers["access-control-allow-origin"] == "https://rag.example"
@@ -84,16 +90,16 @@ def test_cors_is_off_unless_configured(secured, tmp_path):
 
 def test_oversized_bodies_are_refused_before_parsing(secured):
     big = b'{"input": "' + b"x" * (17 * 1024 * 1024) + b'"}'
-    r = httpx.post(f"{secured['url']}/embed", content=big, headers={"Authorization": f"Bearer {READ_KEY}", "Content-Type": "application/json"})
+    r = secured.post("/embed", content=big, headers={"Authorization": f"Bearer {READ_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413
 
 
-def test_keys_never_reach_logs_or_reprs(minilm, tmp_path):
+def test_keys_never_reach_logs_or_reprs(hashing, tmp_path):
     """A server with the access log on, called with the right key, a near miss and a read key on an admin
     route: after it stops, neither key appears anywhere in what it printed."""
-    make_adapter(minilm, tmp_path / "adapters" / "a")
+    make_adapter(hashing, tmp_path / "adapters" / "a")
     proc, url = start_server(
-        tmp_path / "data", tmp_path / "adapters", "--access-log", "--watch-interval", "0",
+        tmp_path / "data", tmp_path / "adapters", "--base", HASHING, "--access-log", "--watch-interval", "0",
         env={"EMBEDLIFT_API_KEY": READ_KEY, "EMBEDLIFT_ADMIN_KEY": ADMIN_KEY},
     )
     read = {"Authorization": f"Bearer {READ_KEY}"}

@@ -8,8 +8,6 @@ import base64
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -19,7 +17,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
 from embedlift.models.cache import EmbeddingCache
 from embedlift.models.checkpoint import base_info, load_checkpoint
 from embedlift.models.errors import NotFoundError, OverloadedError
@@ -29,7 +26,15 @@ from embedlift.service.engine import Engine
 from embedlift.service.registry import AdapterRegistry, RegistryFile
 from embedlift.service.schemas import Document
 from embedlift.service.settings import Settings
-from tests.helpers import REPO, make_adapter, start_server, stop_server
+
+from tests.helpers import (
+    HASHING,
+    REPO,
+    make_adapter,
+    run_cli,
+    start_server,
+    stop_server,
+)
 
 LONG = " ".join(["Lyft's revenue depends on the number of riders and drivers on its platform."] * 60)
 READ_KEY, ADMIN_KEY = "read-key", "admin-key"
@@ -119,9 +124,8 @@ def test_engine_search_with_a_both_adapter_uses_its_document_view(engine, minilm
 
 def test_overload_is_a_429_with_retry_after(engine):
     """Past max_concurrent requests in progress, the next is refused at once (never queued without bound)."""
-    from litestar.testing import TestClient
-
     from embedlift.service.http import create_app
+    from litestar.testing import TestClient
 
     engine.admission.limit = 1
     with engine.admission, pytest.raises(OverloadedError, match="maximum 1"), engine.admission:
@@ -290,6 +294,7 @@ def test_openai_sdk_generic_calls_reach_embedlift_routes(server):
     assert api.get("/adapters", cast_to=object)["active"] == "q-linear@1"
 
 
+@pytest.mark.slow
 def test_bulk_upsert_runs_as_a_job(server):
     httpx.put(f"{server}/collections/bulk", headers=ADMIN)
     docs = [{"id": f"b{i}", "text": f"Bulk passage number {i} about ride volumes."} for i in range(300)]
@@ -307,12 +312,10 @@ def test_bulk_upsert_runs_as_a_job(server):
     assert httpx.get(f"{server}/jobs/nope", headers=READ).status_code == 404
 
 
+@pytest.mark.slow
 def test_eval_equals_the_cli(server, lyft_slice, adapters_dir, tmp_path):
-    cli = subprocess.run(
-        [sys.executable, "-m", "embedlift.service.cli", "eval", str(lyft_slice), "--adapter", str(adapters_dir / "q-linear"),
-         "--json", "--cache", str(tmp_path / "c.sqlite3")],
-        capture_output=True, text=True, check=True,
-    )
+    cli = run_cli("eval", str(lyft_slice), "--adapter", str(adapters_dir / "q-linear"), "--json", "--cache", str(tmp_path / "c.sqlite3"))
+    assert cli.returncode == 0, cli.stderr
     expected = json.loads(cli.stdout)
     dataset = json.loads(lyft_slice.read_text())
     r = httpx.post(f"{server}/eval", json={"dataset": dataset, "adapters": ["q-linear"], "per_query": True}, headers=READ, timeout=300)
@@ -357,6 +360,7 @@ def tar_of(directory: Path) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_adapter_registry_over_http(server, minilm, adapters_dir, tmp_path):
     make_adapter(minilm, tmp_path / "uploaded", seed=7)
     r = httpx.post(f"{server}/adapters?name=uploaded", content=tar_of(tmp_path / "uploaded"),
@@ -389,6 +393,7 @@ def test_adapter_registry_over_http(server, minilm, adapters_dir, tmp_path):
         pytest.fail("the dropped checkpoint was not registered")
 
 
+@pytest.mark.slow
 def test_hot_swap_under_load(server, minilm, adapters_dir):
     """Swap the active adapter every few milliseconds while clients embed and search: no request fails,
     and each response's vectors (and hits) are exactly those of the adapter@version it names."""
@@ -457,10 +462,13 @@ def test_metrics(server):
     assert "embedlift_request_inputs_bucket" in text and "embedlift_requests_total" in text
 
 
-def test_restart_keeps_collections_and_the_active_adapter(minilm, tmp_path):
+@pytest.mark.slow
+def test_restart_keeps_collections_and_the_active_adapter(hashing, tmp_path):
+    """Stopped and started again (a real server, on the model-free base: the stores are what is tested), it
+    serves the same collections, the same search results and the same active adapter."""
     adapters = tmp_path / "adapters"
-    make_adapter(minilm, adapters / "a")
-    proc, url = start_server(tmp_path / "data", adapters, "--watch-interval", "0")
+    make_adapter(hashing, adapters / "a")
+    proc, url = start_server(tmp_path / "data", adapters, "--base", HASHING, "--watch-interval", "0")
     try:
         httpx.put(f"{url}/collections/kb", json={"index": "hnsw"}).raise_for_status()
         httpx.post(f"{url}/collections/kb/documents", json={"documents": DOCS}).raise_for_status()
@@ -469,7 +477,7 @@ def test_restart_keeps_collections_and_the_active_adapter(minilm, tmp_path):
         before = httpx.post(f"{url}/collections/kb/search", json={"query": "rider growth", "k": 5}).json()
     finally:
         assert stop_server(proc) == 0
-    proc, url = start_server(tmp_path / "data", adapters, "--watch-interval", "0")
+    proc, url = start_server(tmp_path / "data", adapters, "--base", HASHING, "--watch-interval", "0")
     try:
         assert httpx.get(f"{url}/adapters").json()["active"] == "a@1"
         after = httpx.post(f"{url}/collections/kb/search", json={"query": "rider growth", "k": 5}).json()

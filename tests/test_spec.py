@@ -20,7 +20,7 @@ from embedlift.models.errors import BaseMismatchError
 from embedlift.models.options import SettingError
 from embedlift.models.spec import DEFAULT_BASE, BaseSpec, canonical_model, load_base
 from embedlift.service.settings import Settings
-from tests.helpers import make_adapter, start_server, stop_server
+from tests.helpers import app_client, make_adapter, run_cli, start_server, stop_server
 
 #: What embedlift computed for the packaged MiniLM before the base specification existed: checkpoints, caches and
 #: collections written then name it, so the formula must not move.
@@ -170,8 +170,8 @@ def test_an_adapter_trained_with_a_prompt_is_served_without_repeating_it(lyft_sl
     server takes the prompt from the adapter and serves exactly its vectors; a server started with another
     prompt refuses it over HTTP, naming the setting and both values."""
     adapters = tmp_path / "adapters"
-    trained = cli("train", str(lyft_slice), "--kind", "linear", "--query-prompt", "query: ", "--epochs", "2",
-                  "--out", str(adapters / "p"), cache=shared_cache)
+    trained = run_cli("train", str(lyft_slice), "--kind", "linear", "--query-prompt", "query: ", "--epochs", "2",
+                      "--out", str(adapters / "p"), env={"EMBEDLIFT_CACHE": str(shared_cache)})
     assert trained.returncode == 0, trained.stderr
     recorded = read_config(adapters / "p").base.spec
     assert recorded is not None and recorded.query_prompt == "query: " and recorded.model == DEFAULT_BASE
@@ -189,22 +189,16 @@ def test_an_adapter_trained_with_a_prompt_is_served_without_repeating_it(lyft_sl
     log = proc.stdout.read()
     assert "base settings taken from adapter p: " in log and "--query-prompt 'query: '" in log
 
-    # restarted without --adapter: the remembered active adapter decides the base again
-    proc, url = start_server(tmp_path / "data", adapters, "--watch-interval", "0")
-    try:
-        assert httpx.get(f"{url}/adapters").json()["active"] == "p@1"
-    finally:
-        assert stop_server(proc) == 0
+    # started again without --adapter (the app in process): the remembered active adapter decides the base
+    with app_client(tmp_path / "data", adapters, base=BaseSpec()) as client:
+        assert client.get("/adapters").json()["active"] == "p@1"
 
     # a server given another prompt explicitly: the adapter is refused, saying what differs and how to serve it
-    proc, url = start_server(tmp_path / "data2", tmp_path / "none", "--query-prompt", "", "--watch-interval", "0")
-    try:
-        r = httpx.post(f"{url}/adapters?name=p", content=tar_of(adapters / "p"), headers={"Content-Type": "application/x-tar"})
+    with app_client(tmp_path / "data2", tmp_path / "none", base=BaseSpec(query_prompt="")) as client:
+        r = client.post("/adapters?name=p", content=tar_of(adapters / "p"), headers={"Content-Type": "application/x-tar"})
         assert r.status_code == 409, r.text
         detail = r.json()["detail"]
         assert "query_prompt: 'query: ' vs ''" in detail and "--query-prompt 'query: '" in detail
-    finally:
-        assert stop_server(proc) == 0
 
 
 def tar_of(directory: Path) -> bytes:

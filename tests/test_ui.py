@@ -29,6 +29,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 if not Path(CHROMIUM).exists() and os.environ.get("EMBEDLIFT_UI_TEST") != "1":
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; EMBEDLIFT_UI_TEST=1 makes this a failure)", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # a real server and chromium
+
 
 def small_dataset(path: Path) -> Path:
     """Without the Lyft data beside the repository: 20 short passages, two questions each."""

@@ -29,7 +29,7 @@ from embedlift.models.errors import BaseMismatchError, InvalidInputError
 from embedlift.models.spec import BaseSpec, load_base
 from embedlift.training.dataset import QADataset, SplitBy, split
 from embedlift.training.evaluate import Comparison, compare_runs
-from embedlift.training.finetune import FinetuneResult, FinetuneSettings, finetune_model
+from embedlift.training.finetuning import FinetuneResult, FinetuneSettings, finetune_model
 from embedlift.training.fit import FitResult, FitSettings, fit_adapter
 from embedlift.training.formats import AnyDataset, Format, LabelledDataset, read_dataset, read_qa_dataset
 from embedlift.training.metrics import DEFAULT_KS

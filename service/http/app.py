@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         request_max_body_size=settings.max_body_bytes,
         cors_config=cors_config(settings),
         openapi_config=openapi_config(),
+        # logging is the process's (`embedlift serve` configures it once): Litestar's own config would replace
+        # the root handlers with a queue of its own format
+        logging_config=None,
     )
     declare_body_rules(app)
     return app
