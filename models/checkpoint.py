@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from embedlift.models.adapters import APPLY_TO, ENTRY_POINT_GROUP, Adapter, AdapterConfig, adapter_kinds, build_adapter
 from embedlift.models.encoders import Encoder, backend_of, model_identity
 from embedlift.models.errors import BaseMismatchError, CheckpointError, InvalidInputError
+from embedlift.models.fusion import LearnedFusion
 from embedlift.models.spec import BaseSpec, mismatch
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class CheckpointConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     embedlift_version: str = ""
     training: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
+    fusion: LearnedFusion | None = None  # the hybrid dense weight fitted in training
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
@@ -119,6 +121,7 @@ def save_checkpoint(
     name: str | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    fusion: LearnedFusion | None = None,
 ) -> CheckpointConfig:
     """Write ``adapter`` to ``out_dir`` atomically.
 
@@ -129,6 +132,7 @@ def save_checkpoint(
         name: Display and registry name; defaults to the directory's name.
         training: Settings the adapter was trained with.
         metrics: Training and validation metrics.
+        fusion: The hybrid fusion weight fitted on validation.
 
     Returns:
         The config that was written.
@@ -151,6 +155,7 @@ def save_checkpoint(
         embedlift_version=_version(),
         training=training or {},
         metrics=metrics or {},
+        fusion=fusion,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

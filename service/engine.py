@@ -28,11 +28,13 @@ from embedlift.models.cache import CachedEncoder, EmbeddingCache, MemoryCache
 from embedlift.models.checkpoint import CheckpointError, base_info, read_config
 from embedlift.models.encoders import Encoder, Role
 from embedlift.models.errors import InvalidInputError, NotFoundError, OverloadedError
+from embedlift.models.fusion import DEFAULT_ALPHA, Fusion, LearnedFusion, Mode
 from embedlift.models.spec import BaseSpec, load_base
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service import limits, metrics
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
-from embedlift.service.collections import Collection, CollectionManager, Filter, NewDocument, check_name, reindex, valid_name
+from embedlift.service.collections import Collection, CollectionManager, Filter, check_name, reindex, valid_name
+from embedlift.service.collections.collection import Found, SearchPlan
 from embedlift.service.jobs import Job, JobRunner, JobStore
 from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter, RegistryFile, RegistryStateStore
 from embedlift.service.schemas import (
@@ -42,6 +44,7 @@ from embedlift.service.schemas import (
     DatasetList,
     DeleteResponse,
     Document,
+    FusionInfo,
     EvalRequest,
     EvalResponse,
     SearchHit,
@@ -54,6 +57,7 @@ from embedlift.service.schemas import (
 from embedlift.service.settings import Settings
 from embedlift.training.dataset import QADataset, load_dataset, validate
 from embedlift.training.evaluate import Comparison, compare
+from embedlift.training.finetuning import base_fusion
 from embedlift.training.retrieval import EmbeddedDataset, embed_dataset
 
 logger = logging.getLogger(__name__)
@@ -165,6 +169,7 @@ class Engine:
         self.collections = collections or CollectionManager(s.data_dir / "collections", base.fingerprint, base.dim, base.spec)
         self.jobs = JobRunner(jobs)
         self.admission = Admission(s.max_concurrent)
+        self.base_fusion: LearnedFusion | None = base_fusion(base.spec)  # a fine-tuned base's fitted alpha
         registry.on_change = self._prepare_views
         metrics.track_engine(self)
 
@@ -299,6 +304,8 @@ class Engine:
         return CollectionInfo(
             name=name, status="ready", index=config.index, base_fingerprint=config.base_fingerprint, dim=config.dim,
             created=config.created, documents=docs, windows=windows, searching_with=collection.kind,  # type: ignore[arg-type]
+            lexical=config.lexical, lexical_status=collection.lexical_status,  # type: ignore[arg-type]
+            fusion=self.fusion_for(collection, self.active) if config.lexical is not None else None,
         )
 
     def collections_info(self) -> list[CollectionInfo]:
@@ -308,7 +315,8 @@ class Engine:
         """Create a collection (idempotent: the same settings again is ``False``; other settings, 409)."""
         s = spec or CollectionCreate()
         _, created = await self._offload(
-            self.collections.create, name, s.index, hnsw_m=s.hnsw_m, ef_search=s.ef_search, ef_construction=s.ef_construction
+            self.collections.create, name, s.index, hnsw_m=s.hnsw_m, ef_search=s.ef_search, ef_construction=s.ef_construction,
+            lexical=s.lexical, alpha=s.alpha,
         )
         return self.collection_info(name), created
 
@@ -344,7 +352,7 @@ class Engine:
             part = documents[start : start + step]
             embedded = embed_documents(self.bulk_encoder, [d.text for d in part])
             collection.upsert([
-                NewDocument(id=d.id, text=d.text, metadata=d.metadata, spans=spans, vectors=vectors)
+                collection.new_document(d.id, d.text, d.metadata, spans, vectors)
                 for d, (spans, vectors) in zip(part, embedded.per_document(), strict=True)
             ])
             windows += len(embedded.spans)
@@ -354,29 +362,66 @@ class Engine:
         return UpsertResponse(upserted=len(documents), windows=windows, windowed=windowed)
 
     async def search(
-        self, name: str, queries: str | Sequence[str], k: int, adapter: str | None = None, where: Filter | None = None
+        self,
+        name: str,
+        queries: str | Sequence[str],
+        k: int,
+        adapter: str | None = None,
+        where: Filter | None = None,
+        *,
+        mode: Mode | None = None,
+        fusion: Fusion = "weighted",
+        alpha: float | None = None,
+        threshold: float | None = None,
+        offset: int = 0,
     ) -> SearchResponse:
-        """Top-``k`` documents for one query (``hits``) or for each of a list (``results``); the query goes through
-        the adapter, documents through its view."""
+        """Top-``k`` documents for one query (``hits``) or for each of a list (``results``).
+
+        ``mode``: ``dense`` (the query through the adapter, documents through its view), ``lexical`` (BM25) or
+        ``hybrid`` (both, fused by ``fusion``: weighted with dense weight ``alpha``, or rrf); default hybrid where
+        the collection's lexical index is ready, else dense. ``alpha`` defaults to the collection's, else the
+        adapter's learned one (where its lexical settings match the collection's), else ``DEFAULT_ALPHA``.
+        """
         single = isinstance(queries, str)
         texts = [queries] if isinstance(queries, str) else list(queries)
         limits.check_texts(texts, self.settings, "query" if single else "queries")
-        limits.check_k(k, self.settings)
+        limits.check_search(k, offset, alpha, self.settings)
         collection = self.collection(name)
         chosen = self.resolve(adapter)
-        label, hits = await self._offload(self._search, collection, texts, k, chosen, where, model=True)
+        plan = SearchPlan(
+            k=k, offset=offset, mode=mode or ("hybrid" if collection.lexical_status == "ready" else "dense"), fusion=fusion,
+            alpha=alpha if alpha is not None else self.fusion_for(collection, chosen).alpha, threshold=threshold, where=where,
+        )
+        label, found = await self._offload(self._search, collection, texts, plan, chosen, model=True)
+        results = [SearchResult(hits=f.hits, mode_used=f.mode_used, note=f.note) for f in found]
         if single:
-            return SearchResponse(adapter=label, hits=hits[0])
-        return SearchResponse(adapter=label, results=[SearchResult(hits=h) for h in hits])
+            return SearchResponse(adapter=label, hits=results[0].hits, mode_used=results[0].mode_used, note=results[0].note)
+        return SearchResponse(adapter=label, results=results)
 
-    def _search(
-        self, collection: Collection, queries: Sequence[str], k: int, chosen: LoadedAdapter | None, where: Filter | None
-    ) -> tuple[str, list[list[SearchHit]]]:
-        vectors, _ = embed_pooled(self.encoder, queries, "query")
-        if chosen is not None:
-            vectors = chosen.checkpoint.adapter.transform_query(vectors)
+    def _search(self, collection: Collection, queries: Sequence[str], plan: SearchPlan, chosen: LoadedAdapter | None) -> tuple[str, list[Found]]:
         label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
-        return label, collection.search(vectors, k, label, view_adapter, where)
+        vectors = self._query_vectors(queries, chosen) if collection.dense_needed(queries, plan.mode) else None
+        return label, collection.search(vectors, queries, plan, label, view_adapter)
+
+    def _query_vectors(self, queries: Sequence[str], chosen: LoadedAdapter | None) -> np.ndarray:
+        vectors, _ = embed_pooled(self.encoder, queries, "query")
+        return chosen.checkpoint.adapter.transform_query(vectors) if chosen is not None else vectors
+
+    def fusion_for(self, collection: Collection, chosen: LoadedAdapter | None) -> FusionInfo:
+        """The dense weight a hybrid search of ``collection`` through ``chosen`` uses when the request gives none."""
+        config = collection.config
+        if config.alpha is not None:
+            return FusionInfo(alpha=config.alpha, source="collection")
+        learned, whose = (chosen.checkpoint.config.fusion, f"adapter {chosen.label}") if chosen else (self.base_fusion, "base")
+        if learned is None:
+            return FusionInfo(alpha=DEFAULT_ALPHA, source="default")
+        if config.lexical != learned.lexical:
+            mine = config.lexical.language if config.lexical else "none"
+            return FusionInfo(
+                alpha=DEFAULT_ALPHA,
+                source=f"default ({whose}'s alpha was fitted with lexical language {learned.lexical.language}, the collection's is {mine})",
+            )
+        return FusionInfo(alpha=learned.alpha, source=whose)
 
     async def reindex(self, name: str) -> Job:
         """Re-embed a collection built with another base onto this server's base, as a background job: the new

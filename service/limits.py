@@ -29,6 +29,17 @@ def check_k(k: int, settings: Settings) -> None:
         raise TooLargeError(f"k={k} > maximum allowed {settings.max_k}")
 
 
+def check_search(k: int, offset: int, alpha: float | None, settings: Settings) -> None:
+    """A search's page and fusion weight (the HTTP body is checked by its schema; the engine's callers too)."""
+    check_k(k, settings)
+    if offset < 0:
+        raise InvalidInputError(f"offset must be >= 0, got {offset}")
+    if k + offset > settings.max_k:
+        raise TooLargeError(f"k + offset = {k + offset} > maximum allowed {settings.max_k}; page with a smaller offset")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise InvalidInputError(f"alpha must be between 0 and 1 (the dense weight), got {alpha}")
+
+
 def check_documents(docs: Sequence[Document], settings: Settings) -> None:
     """An upsert: the document count, each text's size, no blank text, ids unique within the request."""
     if len(docs) > settings.max_documents:

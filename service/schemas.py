@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from embedlift.models.fusion import Fusion, Mode
+from embedlift.models.lexical import LexicalSettings
+
 #: Collection, adapter and dataset names: they become directory and file names.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 #: How a collection is searched: exact while small then HNSW (``auto``), always exact, always approximate.
@@ -33,10 +36,40 @@ BODY_RULES: dict[str, dict[str, Any]] = {
     "SearchRequest": {"oneOf": [{"required": ["query"]}, {"required": ["queries"]}]},
 }
 
+# A metadata filter (service/collections/filters.py), in JSON Schema: recursive through $and/$or, so it is one
+# component of its own (declared by app.declare_body_rules) that the search body refers to.
+_SCALAR = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+_SCALAR_LIST = {"type": "array", "minItems": 1, "maxItems": 1024, "items": {"oneOf": _SCALAR}}
+FILTER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Metadata filter: {key: value} (equality) or {key: {operator: value}} with $eq $ne $gt $gte $lt $lte $in "
+    "$nin $exists, combined with $and/$or lists (nested at most 32 deep). Range operators take numbers and match stored "
+    "numbers only.",
+    "propertyNames": {"pattern": '^([$](and|or)|[^$"][^"]*)$'},
+    "properties": {
+        "$and": {"type": "array", "minItems": 1, "maxItems": 1024, "items": {"$ref": "#/components/schemas/Filter"}},
+        "$or": {"type": "array", "minItems": 1, "maxItems": 1024, "items": {"$ref": "#/components/schemas/Filter"}},
+    },
+    "additionalProperties": {
+        "oneOf": [
+            *_SCALAR,
+            {
+                "type": "object", "minProperties": 1, "additionalProperties": False,
+                "properties": {
+                    "$eq": {"oneOf": _SCALAR}, "$ne": {"oneOf": _SCALAR},
+                    "$gt": {"type": "number"}, "$gte": {"type": "number"}, "$lt": {"type": "number"}, "$lte": {"type": "number"},
+                    "$in": _SCALAR_LIST, "$nin": _SCALAR_LIST, "$exists": {"type": "boolean"},
+                },
+            },
+        ]
+    },
+}
+
 
 def spec(**json_schema: Any) -> dict[str, Any]:
     """Schema keywords for the OpenAPI spec only: Litestar drops constraints nested inside a list's items and
-    cannot express "not only whitespace", which msgspec or the handler enforce. Keeps the spec exact."""
+    bounds of 0 (falsy), and cannot express "not only whitespace", which msgspec or the handler enforce. Keeps
+    the spec exact."""
     return {"extra": json_schema}
 
 
@@ -162,12 +195,25 @@ class ActiveAdapter(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------------------------------- collections
 class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``PUT /collections/{name}``. ``auto`` (default): exact search while small, HNSW once past 20,000
-    windows (converted in the background); ``flat``: always exact; ``hnsw``: always approximate."""
+    windows (converted in the background); ``flat``: always exact; ``hnsw``: always approximate.
+    ``lexical``: the BM25 index's language (``null``: no lexical index); ``alpha``: the collection's dense weight
+    in weighted hybrid fusion (default: the active adapter's learned one, else embedlift's default)."""
 
     index: IndexKind = "auto"
     hnsw_m: Annotated[int, Meta(ge=4, le=128)] = 32
     ef_construction: Annotated[int, Meta(ge=8, le=4096)] = 200
     ef_search: Annotated[int, Meta(ge=1, le=4096)] = 128
+    lexical: LexicalSettings | None = LexicalSettings()
+    alpha: Annotated[float, Meta(ge=0, le=1, extra_json_schema=spec(minimum=0))] | None = None
+
+
+class FusionInfo(msgspec.Struct, kw_only=True):
+    """The dense weight a hybrid search of this collection uses when the request gives none, and where it comes
+    from: ``collection``, ``adapter <name@version>`` (learned in training, for these lexical settings),
+    ``base`` (a fine-tuned base's), or ``default`` (with why a learned one does not apply)."""
+
+    alpha: float
+    source: str
 
 
 class CollectionInfo(msgspec.Struct, kw_only=True):
@@ -182,6 +228,9 @@ class CollectionInfo(msgspec.Struct, kw_only=True):
     windows: int | None = None
     searching_with: Literal["flat", "hnsw"] | None = None  # with ``index: auto``, which one serves now
     job: str | None = None  # with ``reindexing``: the job re-indexing it (``GET /jobs/{job}`` shows progress)
+    lexical: LexicalSettings | None = None
+    lexical_status: Literal["off", "building", "ready"] | None = None  # ``building``: searches are dense meanwhile
+    fusion: FusionInfo | None = None
 
 
 class CollectionList(msgspec.Struct, kw_only=True):
@@ -226,13 +275,28 @@ Scalar = str | int | float | bool | None
 
 
 class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``query`` (one) or ``queries`` (a batch); ``filter``: metadata equality on every key given."""
+    """``query`` (one) or ``queries`` (a batch). ``mode``: ``dense``, ``lexical`` (BM25) or ``hybrid`` (default:
+    hybrid when the collection's lexical index is ready, else dense); ``fusion`` and ``alpha`` (the dense weight)
+    for hybrid; ``filter``: metadata conditions (see the ``Filter`` schema); ``score_threshold`` drops hits
+    scoring less; ``offset`` skips that many hits (pages)."""
 
     query: Annotated[str, Meta(extra_json_schema=spec(pattern=NOT_BLANK))] | UnsetType = UNSET
     queries: Annotated[list[str], Meta(min_length=1, extra_json_schema=spec(items={"type": "string", "pattern": NOT_BLANK}))] | UnsetType = UNSET
     k: Annotated[int, Meta(ge=1)] = 10
     adapter: str | None = None
-    filter: Annotated[dict[str, Scalar], Meta(extra_json_schema=spec(propertyNames={"pattern": '^[^"]+$'}))] | None = None
+    filter: dict[str, Any] | None = None
+    mode: Mode | None = None
+    fusion: Fusion = "weighted"
+    alpha: Annotated[float, Meta(ge=0, le=1, extra_json_schema=spec(minimum=0))] | None = None
+    score_threshold: float | None = None
+    offset: Annotated[int, Meta(ge=0)] = 0
+
+
+class HitScores(msgspec.Struct, kw_only=True):
+    """Each side's own score of a hit (``null`` where that side did not return the document)."""
+
+    dense: float | None = None
+    lexical: float | None = None
 
 
 class SearchHit(msgspec.Struct, kw_only=True):
@@ -244,16 +308,21 @@ class SearchHit(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any]
     span: tuple[int, int]  # characters of the best-matching window in the document's text
     window: int
+    scores: HitScores | None = None  # dense and lexical scores (``score`` is the fused one in hybrid mode)
 
 
-class SearchResult(msgspec.Struct, kw_only=True):
+class SearchResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     hits: list[SearchHit]
+    mode_used: Mode = "dense"
+    note: str | None = None  # why mode_used is not the mode asked for
 
 
 class SearchResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     adapter: str
     hits: list[SearchHit] | None = None  # for "query"
     results: list[SearchResult] | None = None  # for "queries"
+    mode_used: Mode | None = None  # for "query" (each of "results" has its own)
+    note: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ eval

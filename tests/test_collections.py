@@ -14,6 +14,7 @@ from embedlift.models.cache import CachedEncoder, EmbeddingCache
 from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service.collections import CollectionManager, NewDocument
+from embedlift.service.collections.collection import SearchPlan
 
 from tests.helpers import run_cli
 
@@ -33,6 +34,11 @@ def documents(encoder, items):
         NewDocument(id=i, text=t, metadata=m, spans=spans, vectors=vectors)
         for (i, t, m), (spans, vectors) in zip(items, embedded.per_document(), strict=True)
     ]
+
+
+def dense(c, q, k, where=None):
+    """Dense search of query vectors, each query's hits."""
+    return [f.hits for f in c.search(q, [""] * len(q), SearchPlan(k=k, where=where))]
 
 
 def corpus(n=40):
@@ -57,13 +63,13 @@ def test_search_matches_brute_force_one_hit_per_document(encoder, tmp_path, inde
     items = corpus() + [("long", LONG, {"topic": "long"})]
     c.upsert(documents(encoder, items))
     q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
-    hits = c.search(q, 5)[0]
+    hits = dense(c, q, 5)[0]
     expected, scores = brute_force(encoder, items, "autonomous vehicles", 5)
     assert [h.id for h in hits] == expected
     for h in hits:
         assert h.score == pytest.approx(scores[h.id], abs=1e-5)
     assert len({h.id for h in hits}) == len(hits)
-    long_hit = next(h for h in c.search(q, 50)[0] if h.id == "long")
+    long_hit = next(h for h in dense(c, q, 50)[0] if h.id == "long")
     a, b = long_hit.span
     assert 0 <= a < b <= len(LONG) and long_hit.text == LONG  # the best window's span, whole text returned
 
@@ -74,20 +80,20 @@ def test_filter_upsert_replace_delete(encoder, tmp_path):
     c, _ = manager.create("docs")
     c.upsert(documents(encoder, corpus()))
     q, _ = embed_pooled(encoder, ["revenue growth"], "query")
-    hits = c.search(q, 10, where={"topic": "insurance costs", "even": True})[0]
+    hits = dense(c, q, 10, where={"topic": "insurance costs", "even": True})[0]
     assert hits and all(h.metadata["topic"] == "insurance costs" and h.metadata["even"] is True for h in hits)
-    assert c.search(q, 3, where={"n": 7})[0][0].id == "doc-7"
-    assert c.search(q, 3, where={"topic": "nothing"})[0] == []
+    assert dense(c, q, 3, where={"n": 7})[0][0].id == "doc-7"
+    assert dense(c, q, 3, where={"topic": "nothing"})[0] == []
     # re-upserting an id replaces it (text, metadata and vectors)
     c.upsert(documents(encoder, [("doc-7", "Quarterly revenue growth accelerated strongly.", {"topic": "new"})]))
     assert c.store.get("doc-7").metadata == {"topic": "new"}
-    assert c.search(q, 1)[0][0].id == "doc-7"
+    assert dense(c, q, 1)[0][0].id == "doc-7"
     assert c.counts() == (40, 40)
     assert c.delete(["doc-7", "missing"]) == ["missing"]
-    assert "doc-7" not in [h.id for h in c.search(q, 40)[0]]
+    assert "doc-7" not in [h.id for h in dense(c, q, 40)[0]]
     assert c.counts() == (39, 39)
     with pytest.raises(InvalidInputError, match="filter key"):
-        c.search(q, 3, where={'bad"key': 1})
+        dense(c, q, 3, where={'bad"key': 1})
 
 
 def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
@@ -99,12 +105,12 @@ def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
     c, _ = manager.create("h", "hnsw")
     c.upsert(documents(encoder, corpus(20)))
     q, _ = embed_pooled(encoder, ["ride sharing drivers"], "query")
-    gone = [h.id for h in c.search(q, 8)[0]]
+    gone = [h.id for h in dense(c, q, 8)[0]]
     c.delete(gone)
     deadline = time.time() + 30
     while c.base_index.rebuilding and time.time() < deadline:
         time.sleep(0.05)
-    hits = c.search(q, 20)[0]
+    hits = dense(c, q, 20)[0]
     assert not set(gone) & {h.id for h in hits} and len(hits) == 12
     assert c.base_index.ntotal == 12  # the graph was rebuilt without the deleted ids
 
@@ -116,12 +122,12 @@ def test_restart_serves_the_same_documents(encoder, tmp_path):
     c.upsert(documents(encoder, corpus()))
     c.delete(["doc-3"])
     q, _ = embed_pooled(encoder, ["bike rentals"], "query")
-    before = [(h.id, h.score) for h in c.search(q, 10)[0]]
+    before = [(h.id, h.score) for h in dense(c, q, 10)[0]]
     manager.close()
     again = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
     again.load_all()
     c2 = again.get("docs")
-    after = [(h.id, h.score) for h in c2.search(q, 10)[0]]
+    after = [(h.id, h.score) for h in dense(c2, q, 10)[0]]
     assert after == before and c2.counts() == (39, 39)
 
 
@@ -164,7 +170,7 @@ def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
     c = fixed.get("docs")
     q, _ = embed_pooled(encoder, ["insurance costs"], "query")
     expected, _ = brute_force(encoder, corpus(10), "insurance costs", 3)
-    assert [h.id for h in c.search(q, 3)[0]] == expected
+    assert [h.id for h in dense(c, q, 3)[0]] == expected
 
 
 class FailingEncoder:
@@ -210,7 +216,7 @@ def test_a_failed_reindex_leaves_the_last_good_state(encoder, tmp_path):
     manager = CollectionManager(root, encoder.fingerprint, encoder.dim)
     manager.load_all()
     q, _ = embed_pooled(encoder, ["insurance costs"], "query")
-    assert [h.id for h in manager.get("docs").search(q, 3)[0]] == brute_force(encoder, corpus(12), "insurance costs", 3)[0]
+    assert [h.id for h in dense(manager.get("docs"), q, 3)[0]] == brute_force(encoder, corpus(12), "insurance costs", 3)[0]
 
 
 CRASHER = textwrap.dedent(
@@ -278,10 +284,10 @@ def test_auto_index_turns_to_hnsw_past_the_threshold_and_keeps_every_write(encod
     assert c.kind == "hnsw"
     expected, _ = brute_force(encoder, [i for i in items if i[0] != "doc-3"], "autonomous vehicles", 5)
     q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
-    assert [h.id for h in c.search(q, 5)[0]] == expected
+    assert [h.id for h in dense(c, q, 5)[0]] == expected
     manager.close()
     reopened = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
     reopened.load_all()
     c2 = reopened.get("grow")
     assert c2.kind == "hnsw"
-    assert [h.id for h in c2.search(q, 5)[0]] == expected
+    assert [h.id for h in dense(c2, q, 5)[0]] == expected

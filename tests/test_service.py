@@ -113,7 +113,7 @@ def test_engine_search_with_a_both_adapter_uses_its_document_view(engine, minilm
     run(engine.create_collection("view-test"))
     run(engine.upsert("view-test", [Document(**d) for d in DOCS]))
     adapter = load_checkpoint(adapters_dir / "both-linear").adapter
-    result = run(engine.search("view-test", ["who bought the self-driving unit?"], 3, "both-linear"))
+    result = run(engine.search("view-test", ["who bought the self-driving unit?"], 3, "both-linear", mode="dense"))
     docs = embed_documents(minilm, [d["text"] for d in DOCS])
     q = adapter.transform_query(minilm.encode(["who bought the self-driving unit?"], "query"))
     scores = adapter.transform_document(docs.vectors) @ q[0]

@@ -36,6 +36,7 @@ import numpy as np
 from embedlift.models.checkpoint import replace_dir
 from embedlift.models.encoders import LocalEncoder
 from embedlift.models.errors import InvalidInputError
+from embedlift.models.fusion import LearnedFusion
 from embedlift.models.spec import BaseSpec, load_base
 from embedlift.training.dataset import QADataset
 from embedlift.training.fit import SELECTION_METRIC, evaluate_adapter
@@ -298,3 +299,15 @@ def _best_step(checkpoint: str | None) -> int:
         return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
     except (IndexError, ValueError):
         return 0
+
+
+def base_fusion(spec: BaseSpec) -> LearnedFusion | None:
+    """The hybrid dense weight ``embedlift finetune`` fitted for a model it wrote (``None`` for any other base)."""
+    if spec.model is None or not (info := Path(spec.model).expanduser() / INFO_FILE).is_file():
+        return None
+    try:
+        recorded = json.loads(info.read_text()).get("fusion")
+        return msgspec.convert(recorded, LearnedFusion) if recorded else None
+    except (OSError, ValueError, msgspec.ValidationError):
+        logger.warning("%s: cannot read its fusion weight; the default applies", info)
+        return None

@@ -1,12 +1,17 @@
-"""What a collection is made of, as two small interfaces: where its documents live and how they are searched.
+"""What a collection is made of, as small interfaces: where its documents live and how they are searched.
 
-- ``CollectionStore`` is persistence, the source of truth: documents with their text, metadata and the *base*
-  vector of every window, written in one transaction per call; a consistent snapshot read; the staged swap of a
-  re-index onto another base; an integrity check. ``SQLiteStore`` (one file per collection) is the embedded one.
-- ``CollectionIndex`` is search: the top-``k`` documents for query vectors, each scored by its best window,
-  filtered by metadata. ``FaissIndex`` is derived from a store (rebuilt from its vectors at start, kept up to
-  date with every committed write through ``apply``); an index that searches the store itself in SQL (the
-  PostgreSQL store of a later issue) has nothing to apply.
+- ``CollectionStore`` is persistence, the source of truth: documents with their text, metadata, the *base*
+  vector of every window and its analysed terms (the lexical index's postings), written in one transaction per
+  call; a consistent snapshot read; the staged swap of a re-index onto another base; an integrity check.
+  ``SQLiteStore`` (one file per collection) is the embedded one.
+- ``CollectionIndex`` is dense search: each document's best window for query vectors, filtered by metadata.
+  ``FaissIndex`` is derived from a store (rebuilt from its vectors at start, kept up to date with every committed
+  write through ``apply``); an index that searches the store itself in SQL has nothing to apply.
+- ``LexicalIndex`` is BM25 search over the windows' terms (``models/lexical.py``'s formula, identical on every
+  store); ``MemoryLexicalIndex`` is derived from the store's postings as FAISS is from its vectors.
+
+Both kinds of index return *candidates* (``{document key: (score, best window)}``); the collection fuses them
+and resolves only the hits it returns.
 
 Window keys: every window has one ``int64`` key, ``document_key << 16 | window``, where the document key is the
 store's row number for the document (never reused, so a re-upserted document gets fresh keys). A hit's document
@@ -23,6 +28,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span, WindowedVectors
 from embedlift.service.schemas import IndexKind, SearchHit, StoredDocument
@@ -31,6 +37,8 @@ WINDOW_BITS = 16
 MAX_WINDOWS = 1 << WINDOW_BITS
 Metadata = dict[str, Any]
 Filter = dict[str, Any]
+#: One query's candidates: ``{document key: (score, best window)}``.
+Candidates = dict[int, tuple[float, int]]
 
 
 def window_keys(document_key: int, n_windows: int) -> np.ndarray:
@@ -59,6 +67,17 @@ class CollectionConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     ef_search: int = 128
     created: str = ""
     base: BaseSpec | None = None
+    # A collection written before lexical indexes existed reads as English, and gets its index built at start.
+    lexical: LexicalSettings | None = LexicalSettings()
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class WindowTerms:
+    """A window's analysed text: its length in terms and each term's frequency (``Analyzer.counts``)."""
+
+    length: int
+    counts: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,35 @@ class NewDocument:
     metadata: Metadata
     spans: list[Span]
     vectors: np.ndarray  # (n_windows, d) float32, normalised base vectors
+    terms: list[WindowTerms] | None = None  # one per window; None: the collection has no lexical index
+
+
+@dataclass(frozen=True)
+class Postings:
+    """Windows' terms as flat arrays: window ``i`` (key ``keys[i]``, ``lengths[i]`` terms) holds term
+    ``term_ids[j]`` ``tfs[j]`` times for every ``j`` with ``window_of[j] == i``. Term ids are the store's."""
+
+    keys: np.ndarray  # (W,) int64 window keys
+    lengths: np.ndarray  # (W,) float32
+    window_of: np.ndarray  # (P,) int64, index into keys
+    term_ids: np.ndarray  # (P,) int64
+    tfs: np.ndarray  # (P,) float32
+
+    @staticmethod
+    def empty() -> Postings:
+        z = np.zeros(0, np.int64)
+        return Postings(keys=z, lengths=np.zeros(0, np.float32), window_of=z, term_ids=z, tfs=np.zeros(0, np.float32))
+
+    @staticmethod
+    def concat(parts: list[Postings]) -> Postings:
+        if not parts:
+            return Postings.empty()
+        offsets = np.cumsum([0, *(len(p.keys) for p in parts[:-1])])
+        return Postings(
+            keys=np.concatenate([p.keys for p in parts]), lengths=np.concatenate([p.lengths for p in parts]),
+            window_of=np.concatenate([p.window_of + o for p, o in zip(parts, offsets, strict=True)]),
+            term_ids=np.concatenate([p.term_ids for p in parts]), tfs=np.concatenate([p.tfs for p in parts]),
+        )
 
 
 @dataclass(frozen=True)
@@ -79,6 +127,7 @@ class Changes:
 
     removed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     added: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    postings: Postings | None = None  # the added windows' terms (a collection with a lexical index)
 
 
 class CollectionStore(ABC):
@@ -140,10 +189,37 @@ class CollectionStore(ABC):
     def start_staging(self) -> None: ...
 
     @abstractmethod
-    def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray]]) -> None: ...
+    def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray, list[WindowTerms] | None]]) -> None: ...
 
     @abstractmethod
     def swap_staged(self, fingerprint: str, dim: int, base: BaseSpec | None = None) -> CollectionConfig: ...
+
+    # The lexical index's postings: written with each document when the collection has a lexical index; for a
+    # collection written before, built in the background (``missing_postings`` / ``add_postings``), and marked
+    # complete with the analyzer that made them (another analyzer's are cleared and rebuilt).
+    @abstractmethod
+    def vocabulary(self) -> dict[str, int]:
+        """Term -> id, as the postings name them (the same dict object as the store grows it)."""
+
+    @abstractmethod
+    def iter_postings(self, chunk: int = 20_000) -> Iterator[Postings]:
+        """Every window's postings, in chunks, from one consistent snapshot."""
+
+    @abstractmethod
+    def postings_state(self) -> str | None:
+        """The analyzer version every window's postings were made with, or ``None`` while some are missing."""
+
+    @abstractmethod
+    def missing_postings(self, limit: int) -> list[tuple[int, str, list[Span]]]:
+        """Up to ``limit`` documents without postings: ``(document key, text, window spans)``."""
+
+    @abstractmethod
+    def add_postings(self, per_doc: Sequence[tuple[int, list[WindowTerms]]]) -> Postings:
+        """Write postings for documents that are still present (in one transaction); what was written."""
+
+    @abstractmethod
+    def mark_postings(self, analyzer: str | None) -> None:
+        """Record that every window's postings were made with ``analyzer`` (``None``: clear them all)."""
 
     @abstractmethod
     def check(self) -> None:
@@ -153,18 +229,52 @@ class CollectionStore(ABC):
     def close(self) -> None: ...
 
 
+class Selection:
+    """A search's metadata filter, evaluated (once, when an index first asks) into the window keys it allows."""
+
+    def __init__(self, store: CollectionStore, where: Filter | None) -> None:
+        self.store, self.where = store, where or None
+        self._keys: np.ndarray | None = None
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Allowed window keys, sorted."""
+        if self._keys is None:
+            assert self.where is not None
+            self._keys = np.sort(self.store.matching(self.where))
+        return self._keys
+
+
 class CollectionIndex(ABC):
-    """Dense search over a collection's windows: the top ``k`` documents per query vector, one hit per document
-    (its best window), scores descending, filtered by metadata."""
+    """Dense search over a collection's windows: for each query vector, the documents of its best-scoring
+    windows with their best window (inner product on normalised vectors), filtered by metadata."""
 
     #: ``flat`` (exact) or ``hnsw`` (approximate): what serves now.
     kind: str
 
     @abstractmethod
-    def search(self, queries: np.ndarray, k: int, where: Filter | None = None) -> list[list[SearchHit]]: ...
+    def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+        """The ``n`` best documents per query (fewer when fewer match)."""
 
     def apply(self, changes: Changes) -> None:
         """Follow a write the store has committed (a derived index); an index that reads the store has nothing to do."""
+
+    def close(self) -> None:
+        """Release what the index holds."""
+
+
+class LexicalIndex(ABC):
+    """BM25 over a collection's windows (``models/lexical.py``): each document's best window for the query's terms."""
+
+    #: ``building`` (dense search serves meanwhile) or ``ready``.
+    status: str
+
+    @abstractmethod
+    def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:
+        """The ``n`` best documents per query (its analysed terms); a document with none of them is no candidate."""
+
+    def apply(self, changes: Changes) -> None:
+        """Follow a committed write."""
 
     def close(self) -> None:
         """Release what the index holds."""

@@ -23,8 +23,7 @@ from typing import Any, Literal
 import faiss as _faiss
 import numpy as np
 
-from embedlift.service.collections.base import Changes, CollectionConfig, CollectionIndex, CollectionStore, Filter, split_key
-from embedlift.service.schemas import SearchHit
+from embedlift.service.collections.base import Candidates, Changes, CollectionConfig, CollectionIndex, CollectionStore, Selection, split_key
 
 logger = logging.getLogger(__name__)
 # faiss's bundled stubs (faiss/__init__.pyi) lack SearchParametersHNSW, IDSelector attributes and more: untyped.
@@ -156,26 +155,26 @@ class FaissIndex(CollectionIndex):
                 self._log = None
 
     # search ------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, where: Filter | None = None) -> list[list[SearchHit]]:
-        """Top ``k`` documents per query; the FAISS call asks for more windows than ``k`` (a document may
-        have several) and widens until every query has ``k`` documents or the index is exhausted."""
-        selector = self._selector(where)
+    def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+        """The ``n`` best documents per query; the FAISS call asks for more windows than ``n`` (a document may
+        have several) and widens until every query has ``n`` documents or the index is exhausted."""
+        selector = self._selector(selection)
         if selector is False:
-            return [[] for _ in range(len(queries))]
+            return [{} for _ in range(len(queries))]
         q = np.ascontiguousarray(queries, dtype=np.float32)
         with self._lock:
             index, kind = self._index, self.kind
             total = int(index.ntotal)
             params = self._params(kind, selector)
-            want = min(total, max(2 * k, k + 16))
-            best: list[dict[int, tuple[float, int]]] = [{} for _ in range(len(q))]
+            want = min(total, max(2 * n, n + 16))
+            best: list[Candidates] = [{} for _ in range(len(q))]
             while total > 0:
                 scores, ids = index.search(q, want, params=params)
                 best = [_best_per_document(s, i) for s, i in zip(scores, ids, strict=True)]
-                if want >= total or all(len(b) >= k for b in best):
+                if want >= total or all(len(b) >= n for b in best):
                     break
                 want = min(total, want * 4)
-        return self._hits(best, k)
+        return [dict(list(b.items())[:n]) for b in best]
 
     def _params(self, kind: Kind, selector: Any | None) -> Any:
         if kind == "hnsw":
@@ -184,37 +183,25 @@ class FaissIndex(CollectionIndex):
             return faiss.SearchParametersHNSW(sel=selector, efSearch=self.config.ef_search)
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
-    def _selector(self, where: Filter | None) -> Any:
+    def _selector(self, selection: Selection | None) -> Any:
         """The FAISS id selector for deleted keys and a metadata filter; ``False`` when nothing can match."""
         deleted = None
         if self._deleted:
             deleted = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._deleted, np.int64)))
-        if not where:
+        if selection is None or selection.where is None:
             return deleted
-        keys = self.store.matching(where)
+        keys = selection.keys
         if len(keys) == 0:
             return False
         allowed = faiss.IDSelectorBatch(keys)
         allowed.referenced_ids = keys  # keep the array alive as long as the selector
         return faiss.IDSelectorAnd(allowed, deleted) if deleted is not None else allowed
 
-    def _hits(self, best: list[dict[int, tuple[float, int]]], k: int) -> list[list[SearchHit]]:
-        docs = self.store.documents(sorted({seq for b in best for seq in b}))
-        spans = self.store.spans([(seq, w) for b in best for seq, (_, w) in b.items()])
-        out = []
-        for b in best:
-            present = [(seq, hit) for seq, hit in b.items() if seq in docs]  # deleted between FAISS and this lookup
-            ranked = sorted(present, key=lambda item: (-item[1][0], docs[item[0]][0]))[:k]
-            out.append([
-                SearchHit(id=docs[seq][0], score=score, text=docs[seq][1], metadata=docs[seq][2], span=spans[(seq, w)], window=w)
-                for seq, (score, w) in ranked
-            ])
-        return out
 
-
-def _best_per_document(scores: np.ndarray, ids: np.ndarray) -> dict[int, tuple[float, int]]:
-    """From one query's window hits (descending), each document's best window: ``{key: (score, window)}``."""
-    best: dict[int, tuple[float, int]] = {}
+def _best_per_document(scores: np.ndarray, ids: np.ndarray) -> Candidates:
+    """From one query's window hits (descending), each document's best window: ``{key: (score, window)}``, in
+    ranking order."""
+    best: Candidates = {}
     for score, fid in zip(scores.tolist(), ids.tolist(), strict=True):
         if fid < 0:
             break

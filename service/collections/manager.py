@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 
 from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
+from embedlift.models.lexical import LexicalSettings, analyzer
 from embedlift.models.spec import BaseSpec, mismatch
 from embedlift.service.collections.base import CollectionConfig, CollectionStore
 from embedlift.service.collections.collection import Collection
@@ -183,7 +184,8 @@ class CollectionManager:
 
     # create and delete -------------------------------------------------------------------------------
     def create(
-        self, name: str, index: IndexKind = "auto", *, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200
+        self, name: str, index: IndexKind = "auto", *, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200,
+        lexical: LexicalSettings | None = LexicalSettings(), alpha: float | None = None,
     ) -> tuple[Collection, bool]:
         """Create a collection (built in a hidden directory, then renamed into place). Creating one that
         exists with the same settings is a no-op (``False``); with other settings, a conflict."""
@@ -191,7 +193,7 @@ class CollectionManager:
         config = CollectionConfig(
             name=name, base_fingerprint=self.fingerprint, dim=self.dim, index=index, hnsw_m=hnsw_m,
             ef_construction=ef_construction, ef_search=ef_search, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            base=self.spec,
+            base=self.spec, lexical=lexical, alpha=alpha,
         )
         with self._lock:
             if name in self._mismatched:
@@ -203,12 +205,15 @@ class CollectionManager:
                 if settings(existing.config) == settings(config):
                     return existing, False
                 raise ConflictError(
-                    f"collection {name!r} exists with other settings (index={existing.config.index}); delete it first to change them"
+                    f"collection {name!r} exists with other settings (index={existing.config.index}, lexical="
+                    f"{existing.config.lexical}, alpha={existing.config.alpha}); delete it first to change them"
                 )
             tmp = self.root / f".new-{name}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             store = SQLiteStore(tmp / STORE_FILE)
             store.write_config(config)
+            if lexical is not None:  # an empty collection's postings are complete: every upsert writes its own
+                store.mark_postings(analyzer(lexical.language).version)
             store.close()
             tmp.rename(self.root / name)
             collection = Collection(self.open_store(name), config).load()

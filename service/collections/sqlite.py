@@ -1,12 +1,16 @@
 """The embedded collection store: one SQLite file per collection (WAL journal, ``synchronous=FULL``).
 
-Each document's id, text and metadata, and the base vector of every window, written one transaction per call:
-an acknowledged upsert or delete survives a crash, and a crash mid-write leaves the last committed state.
-Document keys are SQLite ``AUTOINCREMENT`` row numbers (``seq``), never reused.
+Each document's id, text and metadata, the base vector of every window and its lexical postings (length, term
+ids and frequencies, as little-endian arrays: the in-memory index loads them without a Python loop per
+posting), written one transaction per call: an acknowledged upsert or delete survives a crash, and a crash
+mid-write leaves the last committed state. Document keys are SQLite ``AUTOINCREMENT`` row numbers (``seq``),
+never reused. Term ids come from the ``terms`` table; ids assigned in a transaction that rolls back are
+forgotten with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -28,11 +32,15 @@ from embedlift.service.collections.base import (
     Filter,
     Metadata,
     NewDocument,
+    Postings,
+    WindowTerms,
     window_keys,
 )
+from embedlift.service.collections.filters import parse, to_sql
 from embedlift.service.schemas import StoredDocument
 
 STORE_FILE = "collection.sqlite3"
+MAX_FILTER_PARAMETERS = 30_000  # SQLite binds at most 32766 parameters per statement
 
 
 class SQLiteStore(CollectionStore):
@@ -63,8 +71,18 @@ class SQLiteStore(CollectionStore):
                 vector BLOB NOT NULL,
                 PRIMARY KEY (seq, window)
             ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS terms (id INTEGER PRIMARY KEY, term TEXT NOT NULL UNIQUE);
+            CREATE TABLE IF NOT EXISTS postings (
+                seq INTEGER NOT NULL REFERENCES docs(seq) ON DELETE CASCADE,
+                window INTEGER NOT NULL,
+                length INTEGER NOT NULL,
+                term_ids BLOB NOT NULL,
+                tfs BLOB NOT NULL,
+                PRIMARY KEY (seq, window)
+            ) WITHOUT ROWID;
             """
         )
+        self._vocabulary: dict[str, int] = dict(self._db.execute("SELECT term, id FROM terms"))
 
     def close(self) -> None:
         with self._lock:
@@ -108,7 +126,8 @@ class SQLiteStore(CollectionStore):
     def upsert(self, docs: Sequence[NewDocument]) -> Changes:
         removed: list[np.ndarray] = []
         added: list[tuple[np.ndarray, np.ndarray]] = []
-        with self._tx() as db:
+        postings: list[Postings] = []
+        with self._tx() as db, self._new_terms() as new_terms:
             for doc in docs:
                 if (old := self._remove(db, doc.id)) is not None:
                     removed.append(old)
@@ -124,7 +143,99 @@ class SQLiteStore(CollectionStore):
                     ],
                 )
                 added.append((window_keys(seq, len(doc.spans)), doc.vectors))
-        return Changes(removed=_concat(removed), added=added)
+                if doc.terms is not None:
+                    postings.append(self._write_postings(db, "postings", seq, doc.terms, new_terms))
+        return Changes(removed=_concat(removed), added=added, postings=Postings.concat(postings) if postings else None)
+
+    # postings ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _new_terms(self) -> Iterator[dict[str, int]]:
+        """Terms given ids in the enclosing transaction: known to the vocabulary once it committed."""
+        new: dict[str, int] = {}
+        yield new
+        self._vocabulary.update(new)
+
+    def _term_ids(self, db: sqlite3.Connection, terms: Sequence[str], new: dict[str, int]) -> np.ndarray:
+        ids = []
+        for term in terms:
+            found = self._vocabulary.get(term)
+            if found is None and (found := new.get(term)) is None:
+                found = new[term] = db.execute("INSERT INTO terms (term) VALUES (?) RETURNING id", (term,)).fetchone()[0]
+            ids.append(found)
+        return np.asarray(ids, dtype=np.int64)
+
+    def _write_postings(self, db: sqlite3.Connection, table: str, seq: int, windows: Sequence[WindowTerms], new: dict[str, int]) -> Postings:
+        keys = window_keys(seq, len(windows))
+        rows, window_of, term_ids, tfs = [], [], [], []
+        for w, terms in enumerate(windows):
+            ids = self._term_ids(db, list(terms.counts), new)
+            counts = np.fromiter(terms.counts.values(), dtype=np.uint16, count=len(terms.counts))
+            rows.append((seq, w, terms.length, ids.astype("<i4").tobytes(), counts.astype("<u2").tobytes()))
+            window_of.append(np.full(len(ids), w, dtype=np.int64))
+            term_ids.append(ids)
+            tfs.append(counts.astype(np.float32))
+        db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)", rows)
+        return Postings(
+            keys=keys, lengths=np.asarray([t.length for t in windows], dtype=np.float32),
+            window_of=np.concatenate(window_of) if window_of else np.zeros(0, np.int64),
+            term_ids=np.concatenate(term_ids) if term_ids else np.zeros(0, np.int64),
+            tfs=np.concatenate(tfs) if tfs else np.zeros(0, np.float32),
+        )
+
+    def vocabulary(self) -> dict[str, int]:
+        return self._vocabulary
+
+    def iter_postings(self, chunk: int = 20_000) -> Iterator[Postings]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, window, length, term_ids, tfs FROM postings ORDER BY seq, window").fetchall()
+        for i in range(0, len(rows), chunk):
+            part = rows[i : i + chunk]
+            ids = [np.frombuffer(r[3], dtype="<i4") for r in part]
+            yield Postings(
+                keys=np.array([(r[0] << WINDOW_BITS) + r[1] for r in part], dtype=np.int64),
+                lengths=np.array([r[2] for r in part], dtype=np.float32),
+                window_of=np.repeat(np.arange(len(part), dtype=np.int64), [len(x) for x in ids]),
+                term_ids=np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64),
+                tfs=np.concatenate([np.frombuffer(r[4], dtype="<u2") for r in part]).astype(np.float32) if part else np.zeros(0, np.float32),
+            )
+
+    def postings_state(self) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'postings'").fetchone()
+        return None if row is None else str(row[0])
+
+    def mark_postings(self, analyzer: str | None) -> None:
+        with self._tx() as db:
+            if analyzer is None:
+                db.execute("DELETE FROM postings")
+                db.execute("DELETE FROM meta WHERE key = 'postings'")
+            else:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('postings', ?)", (analyzer,))
+
+    def missing_postings(self, limit: int) -> list[tuple[int, str, list[Span]]]:
+        with self._lock:
+            docs = self._db.execute(
+                "SELECT seq, text FROM docs d WHERE NOT EXISTS (SELECT 1 FROM postings p WHERE p.seq = d.seq) ORDER BY seq LIMIT ?",
+                (min(limit, 500),),
+            ).fetchall()
+            marks = ",".join("?" * len(docs))
+            rows = self._db.execute(
+                f"SELECT seq, start, end FROM windows WHERE seq IN ({marks}) ORDER BY seq, window", [seq for seq, _ in docs]
+            ).fetchall() if docs else []
+        spans: dict[int, list[Span]] = {seq: [] for seq, _ in docs}
+        for seq, a, b in rows:
+            spans[seq].append((a, b))
+        return [(seq, text, spans[seq]) for seq, text in docs]
+
+    def add_postings(self, per_doc: Sequence[tuple[int, list[WindowTerms]]]) -> Postings:
+        written: list[Postings] = []
+        with self._tx() as db, self._new_terms() as new_terms:
+            present = {r[0] for r in db.execute(
+                f"SELECT seq FROM docs WHERE seq IN ({','.join('?' * len(per_doc))})", [seq for seq, _ in per_doc]
+            )} if per_doc else set()
+            for seq, windows in per_doc:
+                if seq in present:  # a document deleted or replaced since it was read gets no postings
+                    written.append(self._write_postings(db, "postings", seq, windows, new_terms))
+        return Postings.concat(written)
 
     def delete(self, ids: Sequence[str]) -> tuple[Changes, list[str]]:
         removed, missing = [], []
@@ -165,28 +276,12 @@ class SQLiteStore(CollectionStore):
             }
 
     def matching(self, where: Filter) -> np.ndarray:
-        """Window keys of documents whose metadata equals every ``key: value`` of ``where`` (``None`` matches
-        null or absent)."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        for key, value in where.items():
-            if '"' in key or not key:
-                raise InvalidInputError(f"filter key {key!r} is not allowed: use a non-empty key without '\"'")
-            path = f'$."{key}"'
-            if value is None:
-                clauses.append("json_extract(d.metadata, ?) IS NULL")
-                params.append(path)
-            elif isinstance(value, bool):
-                clauses.append("json_type(d.metadata, ?) = ?")
-                params += [path, "true" if value else "false"]
-            else:
-                clauses.append("json_extract(d.metadata, ?) = ?")
-                params += [path, value]
+        """Window keys of documents whose metadata passes ``where`` (``filters.py``'s operators)."""
+        clause, params = to_sql(parse(where))
+        if len(params) > MAX_FILTER_PARAMETERS:
+            raise InvalidInputError(f"the filter is too large ({len(params)} values > {MAX_FILTER_PARAMETERS} after compiling); split it")
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT w.seq, w.window FROM windows w JOIN docs d ON d.seq = w.seq WHERE {' AND '.join(clauses)}",
-                params,
-            ).fetchall()
+            rows = self._db.execute(f"SELECT w.seq, w.window FROM windows w JOIN docs d ON d.seq = w.seq WHERE {clause}", params).fetchall()
         return np.array([(s << WINDOW_BITS) + w for s, w in rows], dtype=np.int64)
 
     def iter_windows(self, chunk: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -219,18 +314,25 @@ class SQLiteStore(CollectionStore):
     def start_staging(self) -> None:
         with self._tx() as db:
             db.execute("DROP TABLE IF EXISTS windows_staged")
+            db.execute("DROP TABLE IF EXISTS postings_staged")
             db.execute(
                 "CREATE TABLE windows_staged (seq INTEGER NOT NULL, window INTEGER NOT NULL, start INTEGER NOT NULL, "
                 "end INTEGER NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (seq, window)) WITHOUT ROWID"
             )
+            db.execute(
+                "CREATE TABLE postings_staged (seq INTEGER NOT NULL, window INTEGER NOT NULL, length INTEGER NOT NULL, "
+                "term_ids BLOB NOT NULL, tfs BLOB NOT NULL, PRIMARY KEY (seq, window)) WITHOUT ROWID"
+            )
 
-    def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray]]) -> None:
-        with self._tx() as db:
-            for seq, spans, vectors in per_doc:
+    def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray, list[WindowTerms] | None]]) -> None:
+        with self._tx() as db, self._new_terms() as new_terms:
+            for seq, spans, vectors, terms in per_doc:
                 db.executemany(
                     "INSERT INTO windows_staged VALUES (?, ?, ?, ?, ?)",
                     [(seq, w, a, b, v.astype(np.float32).tobytes()) for w, ((a, b), v) in enumerate(zip(spans, vectors, strict=True))],
                 )
+                if terms is not None:
+                    self._write_postings(db, "postings_staged", seq, terms, new_terms)
 
     def swap_staged(self, fingerprint: str, dim: int, base: BaseSpec | None = None) -> CollectionConfig:
         with self._tx() as db:
@@ -240,6 +342,9 @@ class SQLiteStore(CollectionStore):
             db.execute("DELETE FROM windows")
             db.execute("INSERT INTO windows SELECT * FROM windows_staged")
             db.execute("DROP TABLE windows_staged")
+            db.execute("DELETE FROM postings")  # the new base's windows have their own spans, so their own postings
+            db.execute("INSERT INTO postings SELECT * FROM postings_staged")
+            db.execute("DROP TABLE postings_staged")
             new = msgspec.structs.replace(config, base_fingerprint=fingerprint, dim=dim, base=base)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (msgspec.json.encode(new).decode(),))
         return new

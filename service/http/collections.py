@@ -81,9 +81,13 @@ class CollectionsController(Controller):
     @post("/{name:str}/search", opt=READ, status_code=200, responses=errors(400, 401, 403, 404, 409, 413, 429, 502, 503))
     async def search(self, name: NamePath, data: JSONBody[SearchRequest], engine: EngineDep) -> Response[SearchResponse]:
         """Top-``k`` documents for ``query`` (``{"hits"}``) or for each of ``queries`` (``{"results"}``), one hit
-        per document (its best window, whose span is reported), optionally filtered by metadata equality."""
+        per document (its best window, whose span is reported): dense, lexical (BM25) or hybrid (both fused), with
+        metadata filters, a score threshold and an offset; each result says the mode used."""
         single = isinstance(data.query, str)
         if single == isinstance(data.queries, list):
             raise InvalidInputError("send exactly one of `query` (a string) or `queries` (a list of strings)")
-        result = await engine.search(name, data.query if single else data.queries, data.k, data.adapter, data.filter)  # type: ignore[arg-type]
+        result = await engine.search(
+            name, data.query if single else data.queries, data.k, data.adapter, data.filter,  # type: ignore[arg-type]
+            mode=data.mode, fusion=data.fusion, alpha=data.alpha, threshold=data.score_threshold, offset=data.offset,
+        )
         return Response(result, headers={ADAPTER_HEADER: result.adapter})

@@ -5,16 +5,26 @@ two-content-type bodies, rules across fields and closed bodies, so the spec stat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Components, OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema, SecurityScheme
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
 from litestar.params import Parameter
 
 from embedlift.models.errors import status_table
-from embedlift.service.schemas import BODY_RULES, NAME_PATTERN, ErrorBody, OpenAIError, closed_bodies
+from embedlift.service.schemas import BODY_RULES, FILTER_SCHEMA, NAME_PATTERN, ErrorBody, OpenAIError, closed_bodies
 
 # Collection and adapter names in paths: the pattern is in the spec, and a name outside it is a 400 that shows it.
 NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, description="a collection or adapter name")]
@@ -82,10 +92,34 @@ class RegisterAdapterOperation(Operation):
         )
 
 
+def _schema(rules: dict[str, Any]) -> Schema | Reference:
+    """A JSON Schema written as a dict, as Litestar's spec objects (for a schema Litestar cannot generate)."""
+    if "$ref" in rules:
+        return Reference(ref=rules["$ref"])
+    aliases = Schema().field_aliases()  # JSON Schema keyword -> Schema attribute
+    fields: dict[str, Any] = {}
+    for key, value in rules.items():
+        if key == "properties":
+            value = {name: _schema(v) for name, v in value.items()}
+        elif key in ("items", "additionalProperties", "propertyNames") and isinstance(value, dict):
+            value = _schema(value)
+        elif key in ("oneOf", "anyOf", "allOf"):
+            value = [_schema(v) for v in value]
+        elif key == "type":
+            value = OpenAPIType(value)
+        fields[aliases.get(key, key)] = value
+    return Schema(**fields)
+
+
 def declare_body_rules(app: Litestar) -> None:
-    """What Litestar's schema generation leaves out of the request bodies: ``additionalProperties: false`` on
-    bodies that refuse unknown fields, and the rules across fields (``BODY_RULES``)."""
+    """What Litestar's schema generation leaves out of the request bodies: the recursive ``Filter`` schema of
+    searches, ``additionalProperties: false`` on bodies that refuse unknown fields, and the rules across fields
+    (``BODY_RULES``)."""
     components = app.openapi_schema.components.schemas or {}
+    components["Filter"] = _schema(FILTER_SCHEMA)
+    search = components["SearchRequest"]
+    assert isinstance(search, Schema) and search.properties is not None
+    search.properties["filter"] = Schema(one_of=[Reference(ref="#/components/schemas/Filter"), Schema(type=OpenAPIType.NULL)])
     for name in closed_bodies():
         if isinstance(schema := components.get(name), Schema):
             schema.additional_properties = False

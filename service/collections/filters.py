@@ -1,0 +1,199 @@
+"""Metadata filters, as users of Qdrant, Chroma or MongoDB write them, in every search mode.
+
+    {"year": 2021}                                 equality ($eq); null matches null or absent
+    {"year": {"$gte": 2020, "$lt": 2023}}          operators on one key combine with AND
+    {"$or": [{"section": "risk"}, {"tags": {"$in": ["legal", "tax"]}}]}
+    {"$and": [...]}, {"draft": {"$exists": false}}
+
+Operators: ``$eq $ne $gt $gte $lt $lte $in $nin $exists``. Range operators take numbers and match only stored
+numbers (a stored value of another type simply does not match); ``$eq``/``$ne``/``$in``/``$nin`` compare a JSON
+type with the same type (``true`` is not ``1``, ``1`` equals ``1.0``); ``$ne`` and ``$nin`` match a document
+without the key; ``$exists: true`` matches a key that is present (its value may be null).
+
+``parse`` checks a filter and turns it into a small tree, refusing bad input with a 400 that names the field
+and the allowed values; ``to_sql`` compiles the tree for SQLite's JSON functions; ``matches`` evaluates it in
+Python (the reference the store is tested against, and what a store without SQL would use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from embedlift.models.errors import InvalidInputError
+
+Scalar = str | int | float | bool | None
+Op = Literal["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists"]
+OPERATORS: tuple[Op, ...] = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
+RANGE = ("$gt", "$gte", "$lt", "$lte")
+LOGICAL = ("$and", "$or")
+MAX_DEPTH = 32
+MAX_ITEMS = 1024  # values of $in/$nin, filters of $and/$or
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One operator on one key."""
+
+    key: str
+    op: Op
+    value: Any
+
+
+@dataclass(frozen=True)
+class Group:
+    """All (``$and``) or any (``$or``) of its parts."""
+
+    logic: Literal["$and", "$or"]
+    parts: tuple[Condition | Group, ...]
+
+
+Node = Condition | Group
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse(where: Mapping[str, Any], path: str = "filter", depth: int = 0) -> Group:
+    """Check a filter and return its tree (the top level is an ``$and`` of its keys).
+
+    Raises:
+        InvalidInputError: naming the offending field (``filter.year.$gt``) and what it allows.
+    """
+    if not isinstance(where, Mapping):
+        raise InvalidInputError(f"{path} must be an object of metadata keys (and $and/$or), got {type(where).__name__}")
+    if depth > MAX_DEPTH:
+        raise InvalidInputError(f"{path}: filters nest at most {MAX_DEPTH} levels of $and/$or")
+    parts: list[Node] = []
+    for key, value in where.items():
+        where_key = f"{path}.{key}"
+        if key in LOGICAL:
+            if not isinstance(value, list) or not 1 <= len(value) <= MAX_ITEMS:
+                raise InvalidInputError(f"{where_key} must be a list of 1 to {MAX_ITEMS} filters")
+            logic: Literal["$and", "$or"] = "$and" if key == "$and" else "$or"
+            parts.append(Group(logic, tuple(parse(v, f"{where_key}[{i}]", depth + 1) for i, v in enumerate(value))))
+        elif key.startswith("$"):
+            raise InvalidInputError(f"{where_key}: unknown operator {key!r} at this level; use $and or $or, or a metadata key")
+        elif not key or '"' in key:
+            raise InvalidInputError(f"filter key {key!r} is not allowed: use a non-empty key without '\"'")
+        elif isinstance(value, Mapping):
+            if not value:
+                raise InvalidInputError(f"{where_key} is an empty object; give a value or operators {list(OPERATORS)}")
+            parts += [_condition(key, op, v, f"{where_key}.{op}") for op, v in value.items()]
+        elif _scalar(value):
+            parts.append(Condition(key, "$eq", value))
+        else:
+            raise InvalidInputError(
+                f"{where_key} must be a string, number, boolean, null or an object of operators {list(OPERATORS)}; "
+                f"for one of several values use {{\"$in\": [...]}}"
+            )
+    return Group("$and", tuple(parts))
+
+
+def _condition(key: str, op: Any, value: Any, where: str) -> Condition:
+    if op not in OPERATORS:
+        raise InvalidInputError(f"{where}: unknown operator {op!r}; allowed: {list(OPERATORS)}")
+    if op in RANGE and not _number(value):
+        raise InvalidInputError(f"{where} takes a number, got {value!r}")
+    if op in ("$in", "$nin"):
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_ITEMS or not all(_scalar(v) for v in value):
+            raise InvalidInputError(f"{where} takes a list of 1 to {MAX_ITEMS} strings, numbers, booleans or nulls, got {value!r}")
+        value = tuple(value)
+    elif op == "$exists" and not isinstance(value, bool):
+        raise InvalidInputError(f"{where} takes true or false, got {value!r}")
+    elif op in ("$eq", "$ne") and not _scalar(value):
+        raise InvalidInputError(f"{where} takes a string, number, boolean or null, got {value!r}")
+    return Condition(key, op, value)
+
+
+# ------------------------------------------------------------------------------------------------ python
+_MISSING = object()
+
+
+def _equal(stored: Any, value: Any) -> bool:
+    """JSON equality: the same type (bool is not a number), numbers by value; null equals null or absent."""
+    if value is None:
+        return stored is None or stored is _MISSING
+    if isinstance(value, bool) or isinstance(stored, bool):
+        return isinstance(value, bool) and isinstance(stored, bool) and stored == value
+    if _number(value):
+        return _number(stored) and stored == value
+    return isinstance(stored, str) and stored == value
+
+
+def _holds(c: Condition, metadata: Mapping[str, Any]) -> bool:
+    stored = metadata.get(c.key, _MISSING)
+    if c.op == "$eq":
+        return _equal(stored, c.value)
+    if c.op == "$ne":
+        return not _equal(stored, c.value)
+    if c.op == "$in":
+        return any(_equal(stored, v) for v in c.value)
+    if c.op == "$nin":
+        return not any(_equal(stored, v) for v in c.value)
+    if c.op == "$exists":
+        return (stored is not _MISSING) == c.value
+    if not _number(stored):
+        return False
+    return {"$gt": stored > c.value, "$gte": stored >= c.value, "$lt": stored < c.value, "$lte": stored <= c.value}[c.op]
+
+
+def matches(node: Node, metadata: Mapping[str, Any]) -> bool:
+    """Whether a document's metadata passes the filter."""
+    if isinstance(node, Condition):
+        return _holds(node, metadata)
+    results = (matches(part, metadata) for part in node.parts)
+    return all(results) if node.logic == "$and" else any(results)
+
+
+# ------------------------------------------------------------------------------------------------- sqlite
+_IS_NUMBER = "json_type({m}, ?) IN ('integer', 'real')"
+INT64 = 1 << 63
+
+
+def _bindable(value: Any) -> Any:
+    """An integer SQLite cannot bind (beyond 64 bits) compares as the float it is closest to."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64 else value
+
+
+def _sql_equal(value: Any, m: str, path: str) -> tuple[str, list[Any]]:
+    """``stored == value`` in JSON's terms (see ``_equal``)."""
+    if value is None:
+        return f"json_extract({m}, ?) IS NULL", [path]
+    if isinstance(value, bool):
+        return f"json_type({m}, ?) = '{'true' if value else 'false'}'", [path]
+    kind = _IS_NUMBER.format(m=m) if _number(value) else f"json_type({m}, ?) = 'text'"
+    return f"({kind} AND json_extract({m}, ?) = ?)", [path, path, _bindable(value)]
+
+
+def _sql_condition(c: Condition, m: str) -> tuple[str, list[Any]]:
+    path = f'$."{c.key}"'
+    if c.op in ("$eq", "$ne", "$in", "$nin"):
+        clauses, params = [], []
+        for v in c.value if c.op in ("$in", "$nin") else (c.value,):
+            clause, extra = _sql_equal(v, m, path)
+            clauses.append(f"COALESCE({clause}, 0)")  # absent key: NULL in SQL, false here
+            params += extra
+        expr = "(" + " OR ".join(clauses) + ")"
+        return (f"NOT {expr}" if c.op in ("$ne", "$nin") else expr), params
+    if c.op == "$exists":
+        return f"(json_type({m}, ?) IS {'NOT ' if c.value else ''}NULL)", [path]
+    sign = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}[c.op]
+    return f"COALESCE(({_IS_NUMBER.format(m=m)} AND json_extract({m}, ?) {sign} ?), 0)", [path, path, _bindable(c.value)]
+
+
+def to_sql(node: Node, metadata_column: str = "d.metadata") -> tuple[str, list[Any]]:
+    """A SQLite boolean expression over the JSON metadata column, and its parameters."""
+    if isinstance(node, Condition):
+        return _sql_condition(node, metadata_column)
+    if not node.parts:
+        return "1", []
+    parts = [to_sql(p, metadata_column) for p in node.parts]
+    joiner = " AND " if node.logic == "$and" else " OR "
+    return "(" + joiner.join(p[0] for p in parts) + ")", [x for p in parts for x in p[1]]
