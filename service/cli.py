@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from embedlift.models.errors import EmbedliftError, InvalidInputError
+from embedlift.models.lexical import LANGUAGES
 from embedlift.models.spec import BaseSpec
 
 FORMATS = ["llamaindex", "pairs", "cohere", "labelled", "csv"]
@@ -144,6 +145,7 @@ def _open(args: argparse.Namespace, spec: BaseSpec | None = None) -> Any:
 # --------------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from embedlift.models.adapters import ENTRY_POINT_GROUP, ApplyTo, adapter_kinds
+    from embedlift.models.lexical import LexicalSettings
     from embedlift.training.fit import FitSettings
     from embedlift.training.formats import LabelledDataset, read_dataset
     from embedlift.training.pipeline import train_adapter
@@ -159,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         loss=args.loss, margin=args.margin, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
         temperature=args.temperature, anchor=args.anchor, patience=args.patience, seed=args.seed,
     )
-    trained = train_adapter(args.dataset, _open(args, spec), settings, _validation(args), fmt=args.format, log=_err)
+    lexical = None if args.lexical_language == "none" else LexicalSettings(language=args.lexical_language)
+    trained = train_adapter(args.dataset, _open(args, spec), settings, _validation(args), fmt=args.format, lexical=lexical, log=_err)
     config = trained.save(args.out, name=args.name)
     _err(f"saved adapter {config.name!r} to {args.out}")
     return 0
@@ -168,12 +171,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from embedlift.models.lexical import LexicalSettings
     from embedlift.training.pipeline import evaluate
     from embedlift.training.report import comparison_table, write_report
 
     ks = _ks(args.k)
     comparison = evaluate(
         args.dataset, base_spec(args), args.adapter, finetuned=args.finetuned, ks=ks, truncate=args.truncate,
+        mode=args.mode, fusion=args.fusion, lexical=LexicalSettings(language=args.lexical_language),
         fmt=args.format, cache=_cache(args), log=_err,
     )
     if args.json:
@@ -343,6 +348,7 @@ def cmd_data_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from embedlift.models.lexical import LexicalSettings
     from embedlift.training.finetuning import FinetuneSettings
     from embedlift.training.pipeline import finetune
 
@@ -350,7 +356,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size, warmup_ratio=args.warmup_ratio,
         eval_steps=args.eval_steps, max_negatives=args.max_negatives, margin=args.margin, seed=args.seed,
     )
-    result = finetune(args.dataset, base_spec(args), args.out, settings, _validation(args), fmt=args.format, log=_err)
+    lexical = None if args.lexical_language == "none" else LexicalSettings(language=args.lexical_language)
+    result = finetune(args.dataset, base_spec(args), args.out, settings, _validation(args), fmt=args.format, lexical=lexical, log=_err)
     _err(f"fine-tuned in {result.seconds:.1f}s: {result.summary()}; model written to {args.out} (use it as --base)")
     return 0
 
@@ -423,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anchor", type=non_negative_float, default=0.1, help="pull of the weights towards the identity (default 0.1)")
     t.add_argument("--patience", type=positive_int, default=5)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lexical-language", choices=[*LANGUAGES, "none"], default="english",
+                   help="fit the hybrid fusion weight (alpha) on validation against BM25 in this language (default english; "
+                   "none: no fit); served where a collection's lexical language matches")
     add_base_options(t)
     add_cache_options(t)
     t.set_defaults(func=cmd_train)
@@ -438,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", type=Path, help="write a hit_rate@k curve to FILE.html or FILE.png")
     e.add_argument("--truncate", action="store_true",
                    help="embed documents whole, truncated by the model (to measure what windows buy)")
+    e.add_argument("--mode", choices=["dense", "hybrid"], default="dense",
+                   help="hybrid adds the rows lexical (BM25 alone) and <model>+hybrid, each with its learned alpha (default dense)")
+    e.add_argument("--fusion", choices=["weighted", "rrf"], default="weighted", help="how hybrid rows fuse (default weighted)")
+    e.add_argument("--lexical-language", choices=list(LANGUAGES), default="english", help="the BM25 side's language (default english)")
     add_base_options(e)
     add_cache_options(e)
     e.set_defaults(func=cmd_eval)
@@ -566,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-negatives", type=non_negative_int, default=1, help="hard negatives per pair from the dataset, as extra columns (default 1; 0 = none)")
     f.add_argument("--margin", type=non_negative_float, default=0.2, help="cosine margin of the labelled-data triplet loss (default 0.2)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--lexical-language", choices=[*LANGUAGES, "none"], default="english",
+                   help="fit the hybrid fusion weight for the fine-tuned model against BM25 in this language (default english; none: no fit)")
     add_base_options(f)
     f.set_defaults(func=cmd_finetune)
 

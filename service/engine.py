@@ -17,7 +17,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ from embedlift.models.checkpoint import CheckpointError, base_info, read_config
 from embedlift.models.encoders import Encoder, Role
 from embedlift.models.errors import InvalidInputError, NotFoundError, OverloadedError
 from embedlift.models.fusion import DEFAULT_ALPHA, Fusion, LearnedFusion, Mode
+from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec, load_base
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service import limits, metrics
@@ -47,7 +48,6 @@ from embedlift.service.schemas import (
     FusionInfo,
     EvalRequest,
     EvalResponse,
-    SearchHit,
     SearchResponse,
     SearchResult,
     StoredDataset,
@@ -56,7 +56,9 @@ from embedlift.service.schemas import (
 )
 from embedlift.service.settings import Settings
 from embedlift.training.dataset import QADataset, load_dataset, validate
-from embedlift.training.evaluate import Comparison, compare
+from embedlift.training.evaluate import HYBRID_SUFFIX, LEXICAL, Comparison, Hybrid, compare_runs
+from embedlift.training.hybrid import with_lexical
+from embedlift.training.pipeline import learned_alpha
 from embedlift.training.finetuning import base_fusion
 from embedlift.training.retrieval import EmbeddedDataset, embed_dataset
 
@@ -479,20 +481,32 @@ class Engine:
                 "send exactly one of `dataset` (EmbeddingQAFinetuneDataset JSON), `dataset_name` (a stored dataset, "
                 "see GET /datasets) or `collection` (with `queries` and `relevant_docs`)"
             )
+        lexical: LexicalSettings | None = LexicalSettings()
         if request.collection is None:
             if request.queries is not None or request.relevant_docs is not None:
                 raise InvalidInputError("`queries` and `relevant_docs` go inside the dataset (or use `collection`)")
             ds = await self._eval_dataset(request)
             size = len(ds.queries) + len(ds.corpus)
-            embed: Callable[[], EmbeddedDataset] = functools.partial(embed_dataset, self.bulk_encoder, ds)
+            embed: Callable[[], tuple[EmbeddedDataset, Mapping[str, str], dict[str, str]]] = lambda: (embed_dataset(self.bulk_encoder, ds), ds.corpus, ds.queries)  # noqa: E731
         else:
             if not request.queries or not request.relevant_docs:
                 raise InvalidInputError("with `collection`, send `queries` ({id: text}) and `relevant_docs` ({id: [document ids]})")
-            size = len(request.queries) + self.collection(request.collection).counts()[0]
+            collection = self.collection(request.collection)
+            size = len(request.queries) + collection.counts()[0]
+            lexical = collection.config.lexical
             embed = functools.partial(self._embed_collection, request.collection, request.queries, request.relevant_docs)
+        if request.mode == "hybrid" and lexical is None:
+            raise InvalidInputError(f"collection {request.collection!r} has no lexical index (lexical: null): evaluate it with mode: dense")
 
         def work(job: Job | None = None) -> EvalResponse:
-            return self._eval_response(self._compare(embed(), adapters, request.k), adapters, request.per_query)
+            data, doc_texts, query_texts = embed()
+            hybrid = None
+            if request.mode == "hybrid":
+                assert lexical is not None
+                data = with_lexical(data, doc_texts, [query_texts[q] for q in data.query_ids], lexical)
+                alphas = {BASE: learned_alpha(self.base_fusion, lexical), **{a.name: learned_alpha(a.checkpoint.config.fusion, lexical) for a in adapters}}
+                hybrid = Hybrid(fusion=request.fusion, alphas={k: v for k, v in alphas.items() if v is not None})
+            return self._eval_response(self._compare(data, adapters, request.k, hybrid), adapters, request.per_query)
 
         if request.background or size > self.settings.sync_eval_texts:
             return self.jobs.submit("eval", work, total=size)
@@ -509,9 +523,12 @@ class Engine:
         assert request.dataset is not None
         return validate(dataset_of(request.dataset), "dataset")
 
-    def _embed_collection(self, name: str, queries: dict[str, str], relevant: dict[str, list[str]]) -> EmbeddedDataset:
-        """Queries against every document of a collection, scored exactly from its stored base vectors."""
-        doc_ids, _, windowed = self.collection(name).store.all_documents()
+    def _embed_collection(
+        self, name: str, queries: dict[str, str], relevant: dict[str, list[str]]
+    ) -> tuple[EmbeddedDataset, dict[str, str], dict[str, str]]:
+        """Queries against every document of a collection, scored exactly from its stored base vectors (and its
+        documents' texts, for the lexical side)."""
+        doc_ids, texts, windowed = self.collection(name).store.all_documents()
         col = {d: i for i, d in enumerate(doc_ids)}
         problems = [q for q in relevant if q not in queries] + [q for q in queries if not relevant.get(q)]
         if problems:
@@ -522,24 +539,28 @@ class Engine:
             raise NotFoundError(f"relevant ids not in collection {name!r}: {unknown[:5]}{more}")
         query_ids = list(queries)
         qv, qw = embed_pooled(self.bulk_encoder, [queries[q] for q in query_ids], "query")
-        return EmbeddedDataset(
+        data = EmbeddedDataset(
             query_ids=query_ids, doc_ids=doc_ids, queries=qv, docs=windowed,
             relevant=[{col[d] for d in relevant[q]} for q in query_ids], query_windows=qw,
         )
+        return data, dict(zip(doc_ids, texts, strict=True)), queries
 
     @staticmethod
-    def _compare(data: EmbeddedDataset, adapters: Sequence[LoadedAdapter], ks: Sequence[int]) -> Comparison:
+    def _compare(data: EmbeddedDataset, adapters: Sequence[LoadedAdapter], ks: Sequence[int], hybrid: Hybrid | None = None) -> Comparison:
         checkpoints = [
             dataclasses.replace(a.checkpoint, config=msgspec.structs.replace(a.checkpoint.config, name=a.name))
             for a in adapters
         ]
-        return compare(data, checkpoints, ks)
+        return compare_runs([("", data)], checkpoints, ks, hybrid=hybrid)
 
     @staticmethod
     def _eval_response(comparison: Comparison, adapters: Sequence[LoadedAdapter], per_query: bool) -> EvalResponse:
+        labels = {BASE: BASE, **{a.name: a.label for a in adapters}}
+        if any(r.name == LEXICAL for r in comparison.results):
+            labels |= {LEXICAL: LEXICAL, **{f"{name}{HYBRID_SUFFIX}": f"{label}{HYBRID_SUFFIX}" for name, label in labels.items()}}
         return EvalResponse(
             metrics=comparison.to_json(),
-            models={BASE: BASE, **{a.name: a.label for a in adapters}},
+            models=labels,
             queries=len(comparison.query_ids),
             documents=comparison.n_docs,
             windowed=comparison.n_windowed,

@@ -23,6 +23,26 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 IndexKind = Literal["auto", "flat", "hnsw"]
 
 
+def enum_fields(body: type) -> dict[str, tuple[Any, ...]]:
+    """A request body's enumerated fields by their path in the body (``mode``, ``lexical.language``), with their
+    allowed values: a 400 for a value outside them names them (msgspec says only "Invalid enum value")."""
+    found: dict[str, tuple[Any, ...]] = {}
+
+    def walk(info: msgspec.inspect.Type, path: str) -> None:
+        t = msgspec.inspect
+        if isinstance(info, t.LiteralType):
+            found[path] = tuple(info.values)
+        elif isinstance(info, t.UnionType):
+            for member in info.types:
+                walk(member, path)
+        elif isinstance(info, t.StructType) and path.count(".") < 3:
+            for f in info.fields:
+                walk(f.type, f"{path}.{f.encode_name}" if path else f.encode_name)
+
+    walk(msgspec.inspect.type_info(body), "")
+    return found
+
+
 def closed_bodies() -> list[str]:
     """Request Structs that refuse unknown fields (a typo is a 400, never silently ignored)."""
     return [
@@ -351,6 +371,8 @@ class EvalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = msgspec.field(default_factory=lambda: [1, 3, 5, 10])
     per_query: bool = False  # also return each query's rank of its first relevant document, per model
     background: bool = False  # run as a job even when small
+    mode: Literal["dense", "hybrid"] = "dense"  # hybrid adds the rows lexical and <model>+hybrid
+    fusion: Fusion = "weighted"
 
 
 class StoredDataset(msgspec.Struct, kw_only=True):

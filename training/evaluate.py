@@ -18,6 +18,7 @@ import numpy as np
 from embedlift.models.adapters import Adapter
 from embedlift.models.checkpoint import Checkpoint
 from embedlift.models.errors import InvalidInputError
+from embedlift.models.fusion import DEFAULT_ALPHA, Fusion
 from embedlift.training.metrics import (
     DEFAULT_KS,
     bootstrap_delta,
@@ -26,9 +27,12 @@ from embedlift.training.metrics import (
     metric_names,
     per_query_metrics,
 )
+from embedlift.training.hybrid import hybrid_scores
 from embedlift.training.retrieval import EmbeddedDataset
 
 BASE = "base"
+LEXICAL = "lexical"  # the BM25 row of a hybrid comparison
+HYBRID_SUFFIX = "+hybrid"
 CURVE_KS = tuple(range(1, 11))
 TRIPLET_METRICS = ("triplet_accuracy_cosine", "triplet_accuracy_dot", "triplet_accuracy_euclidean", "triplet_accuracy_manhattan")
 
@@ -73,10 +77,35 @@ class Comparison:
         return {r.name: dict(zip(self.query_ids, map(int, r.ranks), strict=True)) for r in self.results}
 
 
+@dataclass(frozen=True)
+class Hybrid:
+    """How a comparison's hybrid rows are made: the fusion and each dense row's alpha (by row name: ``base``, an
+    adapter's, a fine-tuned model's; rows not named use ``DEFAULT_ALPHA``)."""
+
+    fusion: Fusion = "weighted"
+    alphas: dict[str, float] = field(default_factory=dict)
+
+
+def _hybrid_results(
+    data: EmbeddedDataset, checkpoints: Sequence[Checkpoint], models: Sequence[tuple[str, EmbeddedDataset]], hybrid: Hybrid, ks: tuple[int, ...]
+) -> list[ModelResult]:
+    """``lexical`` (BM25 alone) and ``<row>+hybrid`` for the base, each adapter and each model."""
+    if data.lexical is None:
+        raise InvalidInputError("hybrid rows need the dataset's lexical scores (training.hybrid.with_lexical)")
+    dense_rows = [(BASE, data.scores(None)), *((c.name, data.scores(c.adapter)) for c in checkpoints), *((n, run.scores(None)) for n, run in models)]
+    out = [_result(LEXICAL, data.lexical, data, ks, triplets=False)]
+    for name, dense in dense_rows:
+        fused = hybrid_scores(dense, data.lexical, hybrid.fusion, hybrid.alphas.get(name, DEFAULT_ALPHA))
+        out.append(_result(f"{name}{HYBRID_SUFFIX}", fused, data, ks, triplets=False))
+    return out
+
+
 def _check_names(checkpoints: Sequence[Checkpoint]) -> None:
     names = [c.name for c in checkpoints]
-    if BASE in names:
-        raise InvalidInputError(f"an adapter may not be named {BASE!r} (the name of the base row); rename it")
+    if reserved := [n for n in names if n in (BASE, LEXICAL) or n.endswith(HYBRID_SUFFIX)]:
+        raise InvalidInputError(
+            f"an adapter may not be named {reserved[0]!r} (base, lexical and names ending in {HYBRID_SUFFIX!r} name rows of the table); rename it"
+        )
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise InvalidInputError(f"two adapters share the name {dupes[0]!r}: names must be unique in one comparison")
 
@@ -109,9 +138,11 @@ def triplet_accuracy(data: EmbeddedDataset, adapter: Adapter | None = None) -> d
     return {m: np.array(v) for m, v in out.items()}
 
 
-def _result(name: str, scores: np.ndarray, data: EmbeddedDataset, ks: tuple[int, ...], adapter: Adapter | None = None) -> ModelResult:
+def _result(
+    name: str, scores: np.ndarray, data: EmbeddedDataset, ks: tuple[int, ...], adapter: Adapter | None = None, *, triplets: bool = True
+) -> ModelResult:
     per_query = per_query_metrics(scores, data.doc_ids, data.relevant, ks)
-    if any(data.negatives):
+    if triplets and any(data.negatives):
         per_query |= triplet_accuracy(data, adapter)
     curve = per_query_metrics(scores, data.doc_ids, data.relevant, CURVE_KS)
     return ModelResult(
@@ -143,6 +174,7 @@ def compare_runs(
     ks: Sequence[int] = DEFAULT_KS,
     *,
     models: Sequence[tuple[str, EmbeddedDataset]] = (),
+    hybrid: Hybrid | None = None,
     seed: int = 0,
 ) -> Comparison:
     """The base and each adapter on the same dataset embedded more than one way (e.g. by the float32 and the
@@ -152,6 +184,9 @@ def compare_runs(
     Args:
         models: Other whole models (fine-tuned bases) on the same dataset, each a row of its own name, without
             adapters (adapters belong to the base they were trained on).
+        hybrid: Add a ``lexical`` row (BM25 alone) and a ``<row>+hybrid`` row for the first run's base, each
+            adapter and each model, fused with each row's alpha (``hybrid.alphas``, else the default); the
+            datasets must carry their lexical scores (``training/hybrid.py: with_lexical``).
     """
     ks = tuple(sorted(set(ks)))
     if not ks or ks[0] < 1:
@@ -168,12 +203,15 @@ def compare_runs(
         results.append(_result(BASE + suffix, run.scores(None), run, ks))
         results += [_result(c.name + suffix, run.scores(c.adapter), run, ks, c.adapter) for c in checkpoints]
     results += [_result(name, run.scores(None), run, ks) for name, run in models]
+    if hybrid is not None:
+        results += _hybrid_results(runs[0][1], checkpoints, models, hybrid, ks)
     base = results[0]
     names = [*metric_names(ks), *(TRIPLET_METRICS if TRIPLET_METRICS[0] in base.metrics else ())]
     deltas = {
         r.name: {
             m: (r.metrics[m] - base.metrics[m], *bootstrap_delta(base.per_query[m], r.per_query[m], seed=seed))
             for m in names
+            if m in r.metrics
         }
         for r in results[1:]
     }

@@ -37,10 +37,12 @@ from embedlift.models.checkpoint import replace_dir
 from embedlift.models.encoders import LocalEncoder
 from embedlift.models.errors import InvalidInputError
 from embedlift.models.fusion import LearnedFusion
+from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec, load_base
 from embedlift.training.dataset import QADataset
 from embedlift.training.fit import SELECTION_METRIC, evaluate_adapter
 from embedlift.training.formats import LabelledDataset
+from embedlift.training.hybrid import fit_alpha, with_lexical
 from embedlift.training.retrieval import EmbeddedDataset, embed_dataset
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class FinetuneResult:
     seconds: float = 0.0
     train_rows: int = 0
     negatives_per_row: int = 0
+    fusion: LearnedFusion | None = None
 
     def summary(self) -> str:
         b, a = self.base_val[SELECTION_METRIC], self.val[SELECTION_METRIC]
@@ -185,9 +188,11 @@ def finetune_model(
     out: str | os.PathLike[str],
     settings: FinetuneSettings,
     *,
+    lexical: LexicalSettings | None = LexicalSettings(),
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune ``base`` on ``train``, keep the best step on ``val``, write the model to ``out``.
+    """Fine-tune ``base`` on ``train``, keep the best step on ``val``, write the model to ``out`` (with the hybrid
+    dense weight fitted for it on ``val`` under ``lexical``, used when it serves as the base without an adapter).
 
     Args:
         base: The base specification (a local model; its prompts are the training columns' prompts, as they
@@ -263,9 +268,15 @@ def finetune_model(
         if not improved:
             encoder = local_base(base)
             val_metrics = base_val
+        fusion = None
+        if lexical is not None:  # the hybrid dense weight for this model, fitted on the validation split
+            val_data = embed_dataset(encoder, val)
+            val_data = with_lexical(val_data, val.corpus, [val.queries[q] for q in val_data.query_ids], lexical)
+            fusion = fit_alpha(val_data, val_data.scores(None), SELECTION_METRIC)
         result = FinetuneResult(
             improved=improved, base_val=base_val, val=val_metrics, best_step=best_step if improved else 0,
             history=evaluator.history, seconds=time.perf_counter() - started, train_rows=n_rows, negatives_per_row=k,
+            fusion=fusion,
         )
         staged = work / "model"
         encoder.model.save(str(staged))
@@ -274,6 +285,7 @@ def finetune_model(
             "labelled": isinstance(train, LabelledDataset), "train_rows": n_rows, "negatives_per_row": k,
             "improved": improved, "best_step": result.best_step, "seconds": result.seconds,
             "base_val": base_val, "val": val_metrics, "history": evaluator.history,
+            **({"fusion": msgspec.to_builtins(fusion)} if fusion is not None else {}),
         }
         (staged / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(staged, Path(out))

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -26,11 +26,14 @@ from embedlift.models.cache import CachedEncoder, EmbeddingCache, default_cache_
 from embedlift.models.checkpoint import BaseInfo, Checkpoint, CheckpointConfig, base_info, load_checkpoint, read_config, save_checkpoint
 from embedlift.models.encoders import Encoder
 from embedlift.models.errors import BaseMismatchError, InvalidInputError
+from embedlift.models.fusion import Fusion, LearnedFusion
+from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec, load_base
 from embedlift.training.dataset import QADataset, SplitBy, split
-from embedlift.training.evaluate import Comparison, compare_runs
-from embedlift.training.finetuning import FinetuneResult, FinetuneSettings, finetune_model
-from embedlift.training.fit import FitResult, FitSettings, fit_adapter
+from embedlift.training.evaluate import BASE, Comparison, Hybrid, compare_runs
+from embedlift.training.finetuning import FinetuneResult, FinetuneSettings, base_fusion, finetune_model
+from embedlift.training.fit import SELECTION_METRIC, FitResult, FitSettings, fit_adapter
+from embedlift.training.hybrid import fit_alpha, with_lexical
 from embedlift.training.formats import AnyDataset, Format, LabelledDataset, read_dataset, read_qa_dataset
 from embedlift.training.metrics import DEFAULT_KS
 from embedlift.training.negatives import MiningReport, MiningSettings, mine
@@ -130,12 +133,17 @@ def hold_out(ds: AnyDataset, validation: Validation, name: str = "the dataset", 
 # ------------------------------------------------------------------------------------------------ train
 @dataclass
 class TrainedAdapter:
-    """A fitted adapter with everything its checkpoint records; ``save`` writes it."""
+    """A fitted adapter with everything its checkpoint records; ``save`` writes it.
+
+    Attributes:
+        fusion: The hybrid dense weight fitted on the validation split (with the adapter's dense scores).
+    """
 
     result: FitResult
     base: BaseInfo
     settings: FitSettings
     training: dict[str, Any] = field(default_factory=dict)
+    fusion: LearnedFusion | None = None
 
     def save(self, out: str | os.PathLike[str], name: str | None = None) -> CheckpointConfig:
         """Write the checkpoint directory atomically (``config.json`` with the base spec, settings and metrics)."""
@@ -144,6 +152,7 @@ class TrainedAdapter:
             r.adapter, out, base=self.base, name=name, training={**self.settings.to_dict(), **self.training},
             metrics={"improved": r.improved, "best_epoch": r.best_epoch, "seconds": r.seconds,
                      "base_val": r.base_val, "val": r.val, "history": r.history},
+            fusion=self.fusion,
         )
 
 
@@ -154,6 +163,7 @@ def train_adapter(
     validation: Validation | None = None,
     *,
     fmt: Format | None = None,
+    lexical: LexicalSettings | None = LexicalSettings(),
     cache: EmbeddingCache | str | os.PathLike[str] | None = DEFAULT_CACHE,
     log: Log = logger.info,
     progress: bool = True,
@@ -166,6 +176,7 @@ def train_adapter(
         settings: Adapter kind, loss and optimisation (``apply_to`` defaults to ``both`` for labelled data).
         validation: How the validation split is chosen (default: 10% of the documents held out).
         fmt: The dataset file's format (default: detected).
+        lexical: The lexical settings to fit the hybrid fusion weight under (``None``: no fit).
         cache: The base-embedding cache (a file, an open cache, or ``None``).
         log: Where progress lines go (the CLI: stderr).
         progress: Show the training progress bar.
@@ -188,12 +199,18 @@ def train_adapter(
     val = embed_reported(encoder, val_ds, f"validation ({val_how})", log)
     result = fit_adapter(train, val, settings, progress=progress)
     log(f"trained in {result.seconds:.1f}s: {result.summary()}")
+    fusion = None
+    if lexical is not None:
+        val_lexical = with_lexical(val, val_ds.corpus, [val_ds.queries[q] for q in val.query_ids], lexical)
+        fusion = fit_alpha(val_lexical, val.scores(result.adapter), SELECTION_METRIC)
+        h, d = fusion.validation["hybrid"][SELECTION_METRIC], fusion.validation["dense"][SELECTION_METRIC]
+        log(f"hybrid on validation ({lexical.language} BM25): alpha {fusion.alpha}, {SELECTION_METRIC} dense {d:.4f} -> hybrid {h:.4f}")
     training = {
         "dataset": name, "validation": val_how, "labelled": labelled,
         "train_size": len(train_ds.texts) if isinstance(train_ds, LabelledDataset) else len(train_ds.queries),
         "val_queries": len(val_ds.queries),
     }
-    return TrainedAdapter(result=result, base=base_info(encoder), settings=settings, training=training)
+    return TrainedAdapter(result=result, base=base_info(encoder), settings=settings, training=training, fusion=fusion)
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -228,6 +245,9 @@ def evaluate(
     finetuned: Sequence[str | os.PathLike[str]] = (),
     ks: Sequence[int] = DEFAULT_KS,
     truncate: bool = False,
+    mode: Literal["dense", "hybrid"] = "dense",
+    fusion: Fusion = "weighted",
+    lexical: LexicalSettings = LexicalSettings(),
     fmt: Format | None = None,
     cache: EmbeddingCache | str | os.PathLike[str] | None = DEFAULT_CACHE,
     log: Log = logger.info,
@@ -243,6 +263,10 @@ def evaluate(
         finetuned: Model directories written by ``embedlift finetune`` (rows of their own, same other settings).
         ks: Cut-offs.
         truncate: Embed documents whole, truncated by the model (to measure what windows buy).
+        mode: ``hybrid`` adds the ``lexical`` row (BM25 alone) and a ``<row>+hybrid`` row per dense row, fused by
+            ``fusion`` with each model's learned alpha where it was fitted under ``lexical``, else the default.
+        fusion: ``weighted`` or ``rrf``.
+        lexical: The lexical side's analyzer settings.
         fmt: The dataset file's format (default: detected).
         cache: The base-embedding cache.
         log: Where progress lines go.
@@ -258,12 +282,25 @@ def evaluate(
         load_checkpoint(p, expected=base_info(encoder), allow_backend_mismatch=base.quantization is not None) for p in adapters
     ]
     embedded = [(label, embed_reported(enc, ds, f"eval [{label or 'torch'}]", log, windows=not truncate)) for label, enc in runs]
-    models = []
+    models, alphas = [], {}
     for path in finetuned:  # a fine-tuned base: its own encoder, every other setting as for the base
-        tuned = open_base(msgspec.structs.replace(base, model=str(path), quantization=None), store)
+        spec = msgspec.structs.replace(base, model=str(path), quantization=None)
+        tuned = open_base(spec, store)
         name = Path(path).resolve().name
         models.append((name, embed_reported(tuned, ds, f"eval [{name}]", log, windows=not truncate)))
-    return compare_runs(embedded, checkpoints, ks, models=models)
+        alphas[name] = learned_alpha(base_fusion(spec), lexical)
+    hybrid = None
+    if mode == "hybrid":
+        label, first = embedded[0]
+        embedded[0] = (label, with_lexical(first, ds.corpus, [ds.queries[q] for q in first.query_ids], lexical))
+        alphas |= {BASE: learned_alpha(base_fusion(base), lexical), **{c.name: learned_alpha(c.config.fusion, lexical) for c in checkpoints}}
+        hybrid = Hybrid(fusion=fusion, alphas={k: v for k, v in alphas.items() if v is not None})
+    return compare_runs(embedded, checkpoints, ks, models=models, hybrid=hybrid)
+
+
+def learned_alpha(learned: LearnedFusion | None, lexical: LexicalSettings | None) -> float | None:
+    """A learned dense weight, where it was fitted under these lexical settings (``None``: the default applies)."""
+    return learned.alpha if learned is not None and learned.lexical == lexical else None
 
 
 # ------------------------------------------------------------------------------------------------- mine
@@ -292,6 +329,7 @@ def finetune(
     validation: Validation | None = None,
     *,
     fmt: Format | None = None,
+    lexical: LexicalSettings | None = LexicalSettings(),
     log: Log = logger.info,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -299,4 +337,7 @@ def finetune(
     validation split, and write a model directory usable as ``--base`` (``embedlift_finetune.json`` beside it)."""
     train_ds, val_ds, val_how = hold_out(_dataset(dataset, fmt), validation or Validation(), _name(dataset), fmt)
     log(f"validation: {val_how} ({val_ds.summary()})")
-    return finetune_model(base, train_ds, val_ds, out, settings or FinetuneSettings(), progress=progress)
+    result = finetune_model(base, train_ds, val_ds, out, settings or FinetuneSettings(), lexical=lexical, progress=progress)
+    if result.fusion is not None:
+        log(f"hybrid on validation: alpha {result.fusion.alpha} (recorded beside the model, used when it serves as the base)")
+    return result

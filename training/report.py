@@ -27,6 +27,9 @@ def comparison_table(comparison: Comparison, title: str = "") -> Table:
     for m in comparison.names or metric_names(comparison.ks):
         cells = [f"{base.metrics[m]:.4f}"]
         for r in comparison.results[1:]:
+            if m not in comparison.deltas[r.name]:  # triplet accuracy has no lexical or hybrid value
+                cells.append("")
+                continue
             d, lo, hi = comparison.deltas[r.name][m]
             colour = "green" if lo > 0 else "red" if hi < 0 else "default"
             cells.append(f"{r.metrics[m]:.4f} [{colour}]{d:+.4f} [{lo:+.3f}, {hi:+.3f}][/{colour}]")

@@ -13,6 +13,7 @@ import numpy as np
 
 from embedlift.models.adapters import Adapter
 from embedlift.models.encoders import Encoder
+from embedlift.models.lexical import LexicalSettings
 from embedlift.models.windows import WindowedVectors, best_window_scores, embed_documents, embed_pooled
 from embedlift.training.dataset import QADataset
 
@@ -32,6 +33,9 @@ class EmbeddedDataset:
         relevant: For each query, the column indices of its relevant documents.
         query_windows: Windows each query needed (a query longer than the model's window is pooled).
         negatives: For each query, the column indices of its hard negatives (from the dataset), in order.
+        lexical: ``(n_queries, n_docs)`` BM25 of each document's best window, when hybrid rows are wanted
+            (``training/hybrid.py``).
+        lexical_settings: The analyzer settings those were computed with.
     """
 
     query_ids: list[str]
@@ -41,6 +45,8 @@ class EmbeddedDataset:
     relevant: list[set[int]]
     query_windows: np.ndarray
     negatives: list[list[int]] = field(default_factory=list)
+    lexical: np.ndarray | None = None
+    lexical_settings: LexicalSettings | None = None
 
     def scores(self, adapter: Adapter | None = None) -> np.ndarray:
         """``(n_queries, n_docs)`` cosine scores of (adapted) queries against each document's best window."""

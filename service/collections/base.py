@@ -31,7 +31,7 @@ import numpy as np
 from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span, WindowedVectors
-from embedlift.service.schemas import IndexKind, SearchHit, StoredDocument
+from embedlift.service.schemas import IndexKind, StoredDocument
 
 WINDOW_BITS = 16
 MAX_WINDOWS = 1 << WINDOW_BITS

@@ -8,14 +8,17 @@ every other route in ``{"status_code", "code", "detail"}``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
+
+import msgspec
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
 from embedlift.models.errors import EmbedliftError, status_codes
-from embedlift.service.schemas import ErrorBody, OpenAIError, OpenAIErrorDetail
+from embedlift.service.schemas import ErrorBody, OpenAIError, OpenAIErrorDetail, enum_fields
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,27 @@ def error_response(request: Request[Any, Any, Any], status: int, code: str, mess
     return Response(body, status_code=status, headers=headers or None, media_type=MediaType.JSON)
 
 
+def _field_problem(error: dict[str, Any], body: type | None) -> str:
+    """A validation error of one field, with the allowed values when it is an enumeration of the route's body."""
+    key, message = str(error.get("key", "")), str(error.get("message", ""))
+    if message.startswith("Invalid enum value") and body is not None and (allowed := _enums(body).get(key)) is not None:
+        message += f"; allowed: {', '.join(map(repr, allowed))}"
+    return f"{key} {message}".strip()
+
+
+@functools.cache
+def _enums(body: type) -> dict[str, tuple[Any, ...]]:
+    return enum_fields(body) if isinstance(body, type) and issubclass(body, msgspec.Struct) else {}
+
+
+def _body_type(request: Request[Any, Any, Any]) -> type | None:
+    """The msgspec Struct the route parses its body into (``None``: none)."""
+    handler = request.scope.get("route_handler")
+    field = handler.parsed_fn_signature.parameters.get("data") if handler is not None else None
+    body = getattr(field, "annotation", None)
+    return body if isinstance(body, type) else None
+
+
 def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The app's only exception handler."""
     if isinstance(exc, EmbedliftError):
@@ -40,9 +64,8 @@ def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[An
     if isinstance(exc, HTTPException):
         message = exc.detail
         if extra := getattr(exc, "extra", None):
-            message = f"{message}: " + "; ".join(
-                f"{e.get('key', '')} {e.get('message', '')}".strip() if isinstance(e, dict) else str(e) for e in extra
-            )
+            body = _body_type(request)
+            message = f"{message}: " + "; ".join(_field_problem(e, body) if isinstance(e, dict) else str(e) for e in extra)
         return error_response(request, exc.status_code, HTTP_CODES.get(exc.status_code, "error"), message, exc.headers)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(request, 500, "internal_error", "internal error; see the server log")

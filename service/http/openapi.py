@@ -116,7 +116,9 @@ def declare_body_rules(app: Litestar) -> None:
     searches, ``additionalProperties: false`` on bodies that refuse unknown fields, and the rules across fields
     (``BODY_RULES``)."""
     components = app.openapi_schema.components.schemas or {}
-    components["Filter"] = _schema(FILTER_SCHEMA)
+    filter_schema = _schema(FILTER_SCHEMA)
+    assert isinstance(filter_schema, Schema)
+    components["Filter"] = filter_schema
     search = components["SearchRequest"]
     assert isinstance(search, Schema) and search.properties is not None
     search.properties["filter"] = Schema(one_of=[Reference(ref="#/components/schemas/Filter"), Schema(type=OpenAPIType.NULL)])
