@@ -318,7 +318,7 @@ class Engine:
         s = spec or CollectionCreate()
         _, created = await self._offload(
             self.collections.create, name, s.index, hnsw_m=s.hnsw_m, ef_search=s.ef_search, ef_construction=s.ef_construction,
-            lexical=s.lexical, alpha=s.alpha,
+            lexical=s.lexical_settings(), alpha=s.alpha,
         )
         return self.collection_info(name), created
 

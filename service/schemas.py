@@ -223,8 +223,11 @@ class CollectionCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     hnsw_m: Annotated[int, Meta(ge=4, le=128)] = 32
     ef_construction: Annotated[int, Meta(ge=8, le=4096)] = 200
     ef_search: Annotated[int, Meta(ge=1, le=4096)] = 128
-    lexical: LexicalSettings | None = LexicalSettings()
+    lexical: LexicalSettings | None | UnsetType = UNSET  # unset: English; null: no lexical index
     alpha: Annotated[float, Meta(ge=0, le=1, extra_json_schema=spec(minimum=0))] | None = None
+
+    def lexical_settings(self) -> LexicalSettings | None:
+        return LexicalSettings() if isinstance(self.lexical, UnsetType) else self.lexical
 
 
 class FusionInfo(msgspec.Struct, kw_only=True):
@@ -333,7 +336,7 @@ class SearchHit(msgspec.Struct, kw_only=True):
 
 class SearchResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     hits: list[SearchHit]
-    mode_used: Mode = "dense"
+    mode_used: Mode
     note: str | None = None  # why mode_used is not the mode asked for
 
 

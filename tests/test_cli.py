@@ -38,6 +38,9 @@ def test_train_writes_a_checkpoint_with_settings_and_metrics(trained):
     assert config["base"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert config["training"]["lr"] == 2e-3 and config["training"]["seed"] == 0
     assert "base_val" in config["metrics"] and "created" in config
+    fusion = config["fusion"]  # the hybrid dense weight fitted on validation, for English BM25
+    assert 0 <= fusion["alpha"] <= 1 and fusion["lexical"] == {"language": "english"} and fusion["metric"] == "mrr@10"
+    assert fusion["validation"]["hybrid"]["mrr@10"] >= fusion["validation"]["dense"]["mrr@10"] - 1e-9  # alpha 1 is dense
     assert "documents longer than the model's window were split into windows" in proc.stderr
     assert "saved adapter 'slice-linear'" in proc.stderr
 

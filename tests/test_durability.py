@@ -114,8 +114,13 @@ def check_recovered(url: str, load: Load, previously_active: str | None) -> None
         sample = random.Random(0).sample(sorted(load.acked), min(12, len(load.acked)))
         for key in sample:
             doc = load.acked[key]
-            hits = client.post("/collections/docs/search", json={"query": doc["text"], "k": 1, "filter": {"key": key}}).json()["hits"]
-            assert [h["id"] for h in hits] == [key]
+            for mode in ("dense", "lexical"):  # both indexes were rebuilt from the store, the lexical one from its postings
+                body = client.post("/collections/docs/search", json={"query": doc["text"], "k": 1, "filter": {"key": key}, "mode": mode}).json()
+                assert [h["id"] for h in body["hits"]] == [key] and body["mode_used"] == mode, body
+        # the batch in flight is all or nothing in the lexical index too
+        found = [bool(client.post("/collections/docs/search", json={"query": d["text"], "k": 1, "filter": {"key": d["id"]}, "mode": "lexical"}).json()["hits"])
+                 for d in load.in_flight]
+        assert all(found) or not any(found), f"half of a batch is in the lexical index: {found}"
         # the registry: every acknowledged registration, an active adapter that was acknowledged or in flight
         listing = client.get("/adapters").json()
         names = {a["name"] for a in listing["adapters"]}

@@ -275,6 +275,9 @@ def test_collections_upsert_search_get_delete(server):
     assert all(h["metadata"]["section"] == "risk" for res in results for h in res["hits"])
     long_hit = httpx.post(f"{server}/collections/kb/search", json={"query": "Lyft's revenue depends on riders and drivers on its platform", "k": 1, "adapter": "base"}, headers=READ).json()["hits"][0]
     assert long_hit["id"] == "d6" and long_hit["span"][1] - long_hit["span"][0] < len(LONG)
+    # hybrid on the real model (the default mode): a lexical match the dense side ranks lower comes up
+    woven = httpx.post(f"{server}/collections/kb/search", json={"query": "Woven Planet", "k": 3, "adapter": "base"}, headers=READ).json()
+    assert woven["mode_used"] == "hybrid" and woven["hits"][0]["id"] == "d5" and woven["hits"][0]["scores"]["lexical"] > 0
     assert httpx.get(f"{server}/collections/kb/documents/d3", headers=READ).json()["metadata"] == {"section": "risk"}
     assert httpx.get(f"{server}/collections/kb/documents/zz", headers=READ).status_code == 404
     r = httpx.post(f"{server}/collections/kb/documents/delete", json={"ids": ["d3", "zz"]}, headers=ADMIN)
@@ -336,6 +339,19 @@ def test_eval_equals_the_cli(server, lyft_slice, adapters_dir, tmp_path):
             break
         time.sleep(0.2)
     assert job["status"] == "succeeded" and job["result"]["metrics"] == body["metrics"]
+    # hybrid: the lexical row and every model's +hybrid row, the same on both sides to 1e-9
+    cli = run_cli("eval", str(lyft_slice), "--adapter", str(adapters_dir / "q-linear"), "--mode", "hybrid", "--json", "--cache", str(tmp_path / "c.sqlite3"))
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)
+    assert list(expected) == ["base", "q-linear", "lexical", "base+hybrid", "q-linear+hybrid"]
+    r = httpx.post(f"{server}/eval", json={"dataset": dataset, "adapters": ["q-linear"], "mode": "hybrid"}, headers=READ, timeout=300)
+    assert r.status_code == 200, r.text
+    hybrid = r.json()
+    assert hybrid["metrics"].keys() == expected.keys() and hybrid["models"]["q-linear+hybrid"] == "q-linear@1+hybrid"
+    for name in expected:
+        for metric, value in expected[name].items():
+            assert hybrid["metrics"][name][metric] == pytest.approx(value, abs=1e-9), (name, metric)
+    assert expected["base+hybrid"]["mrr@10"] > expected["base"]["mrr@10"]  # on the Lyft slice, BM25 helps the base
 
 
 def test_eval_on_a_collection(server):

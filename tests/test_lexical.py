@@ -1,0 +1,267 @@
+"""Hybrid retrieval's parts: BM25 against a reference computed by hand and against bm25s, the collection's lexical
+index against exact scores through writes, deletes, compaction, restarts and a background build, fusion math on
+known lists, and metadata filters against a brute-force evaluation (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from embedlift.models.errors import InvalidInputError
+from embedlift.models.fusion import fuse_rows, minmax, ranked, rrf, weighted
+from embedlift.models.lexical import B, K1, BM25Matrix, analyzer
+from embedlift.models.windows import best_window_scores, embed_documents
+from embedlift.service.collections import CollectionManager, NewDocument
+from embedlift.service.collections.collection import SearchPlan
+from embedlift.service.collections.filters import matches, parse
+
+CORPUS = [
+    "Lyft's revenue grew as riders returned to the platform in 2021.",
+    "Drivers are independent contractors; reclassification would raise costs.",
+    "Riders and drivers use the Lyft app to request and accept rides.",
+    "Insurance reserves for auto liability claims may prove inadequate.",
+    "Revenue, revenue, revenue: the word repeated changes term frequency.",
+]
+QUERIES = ["lyft revenue growth", "driver reclassification costs", "revenue revenue insurance", "of the and"]
+
+
+def by_hand(texts: list[str], query: str) -> list[float]:
+    """Lucene's BM25 written out term by term, from the analyzer's terms."""
+    a = analyzer("english")
+    docs = [a.terms(t) for t in texts]
+    n, avg = len(docs), sum(map(len, docs)) / len(docs)
+    scores = []
+    for d in docs:
+        tf, total = Counter(d), 0.0
+        for term in a.terms(query):  # a repeated query term counts each time
+            df = sum(1 for other in docs if term in other)
+            if df and tf[term]:
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                total += idf * tf[term] / (tf[term] + K1 * (1 - B + B * len(d) / avg))
+        scores.append(total)
+    return scores
+
+
+def test_bm25_equals_the_formula_computed_by_hand():
+    matrix = BM25Matrix(CORPUS).scores(QUERIES)
+    for qi, q in enumerate(QUERIES):
+        np.testing.assert_allclose(matrix[qi], by_hand(CORPUS, q), rtol=1e-12, atol=1e-12)
+    assert matrix[3].max() == 0  # stop words only: no term, no score
+    assert analyzer("english").terms("The Riders are riding") == ["rider", "ride"]  # stop words out, stemmed
+
+
+def test_bm25_equals_bm25s_lucene_on_the_lyft_corpus(lyft):
+    """bm25s (method lucene, same k1 and b) over the same analysed terms scores every Lyft chunk alike."""
+    import bm25s
+
+    a = analyzer("english")
+    doc_ids = list(lyft["corpus"])[:200]
+    texts = [lyft["corpus"][d] for d in doc_ids]
+    queries = [lyft["queries"][q] for q in list(lyft["queries"])[:60]]
+    ours = BM25Matrix(texts).scores(queries)
+    reference = bm25s.BM25(method="lucene", k1=K1, b=B)
+    reference.index([a.terms(t) for t in texts], show_progress=False)
+    for qi, q in enumerate(queries):
+        terms = [t for t in a.terms(q) if t in reference.vocab_dict]
+        expected = reference.get_scores(terms) if terms else np.zeros(len(texts))
+        np.testing.assert_allclose(ours[qi], expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the collection's index
+def docs_of(encoder, items):
+    embedded = embed_documents(encoder, [t for _, t, _ in items])
+    return [NewDocument(id=i, text=t, metadata=m, spans=s, vectors=v) for (i, t, m), (s, v) in zip(items, embedded.per_document(), strict=True)]
+
+
+LONG = " ".join(f"Section {i} covers {['revenue', 'drivers', 'insurance', 'scooters'][i % 4]} in depth." for i in range(60))
+
+
+def items(n: int, offset: int = 0):
+    words = ["revenue", "drivers", "insurance", "scooters", "autonomous", "riders"]
+    return [(f"d{i}", f"Item {i} on {words[i % 6]} and {words[(i * 7) % 6]} in market {i % 5}.", {"n": i}) for i in range(offset, offset + n)] + [
+        (f"long{offset}", LONG, {"n": -1})
+    ]
+
+
+def exact(collection, query: str) -> dict[str, float]:
+    """BM25 of every document of the collection (its best window), computed from scratch over its windows."""
+    doc_ids, texts, windowed = collection.store.all_documents()
+    windows = [texts[o][a:b] for o, (a, b) in zip(windowed.owner.tolist(), windowed.spans, strict=True)]
+    per_doc = best_window_scores(BM25Matrix(windows).scores([query]), windowed.owner, windowed.n_docs)[0]
+    return {d: float(s) for d, s in zip(doc_ids, per_doc, strict=True) if s > 0}
+
+
+def lexical_hits(collection, query: str, k: int = 50) -> dict[str, float]:
+    found = collection.search(None, [query], SearchPlan(k=k, mode="lexical"))[0]
+    assert found.mode_used == "lexical", found.note
+    return {h.id: h.score for h in found.hits}
+
+
+def agree(collection, queries=("revenue drivers", "insurance scooters market", "section revenue depth")) -> None:
+    for q in queries:
+        want, got = exact(collection, q), lexical_hits(collection, q)
+        assert got.keys() == set(sorted(want, key=lambda d: (-want[d], d))[: len(got)]) and got
+        for d, score in got.items():
+            assert score == pytest.approx(want[d], rel=1e-9)
+
+
+def test_the_lexical_index_scores_exactly_through_writes_deletes_compaction_and_restart(hashing, tmp_path, monkeypatch):
+    from embedlift.service.collections import lexical_index
+
+    monkeypatch.setattr(lexical_index, "COMPACT_MIN", 8)
+    manager = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
+    manager.load_all()
+    c, _ = manager.create("docs")
+    assert c.lexical_status == "ready"
+    c.upsert(docs_of(hashing, items(30)))
+    assert any(len(d.spans) > 1 for d in docs_of(hashing, items(1)))  # long documents are scored by windows
+    agree(c)
+    c.upsert(docs_of(hashing, [("d3", "Replaced text about insurance claims.", {"n": 3})]))  # re-upsert
+    c.delete(["d4", "d5", "d6", "d7", "d8", "d9", "d10", "d11", "d12", "d13"])  # past COMPACT_MIN: compacted
+    assert c.lexical_index._n == c.lexical_index.windows  # noqa: SLF001  (no dead slot left)
+    c.upsert(docs_of(hashing, items(10, offset=100)))
+    agree(c)
+    before = {q: lexical_hits(c, q) for q in ("revenue drivers", "insurance")}
+    manager.close()
+    again = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
+    again.load_all()
+    c2 = again.get("docs")
+    assert c2.lexical_status == "ready" and {q: lexical_hits(c2, q) for q in before} == before
+    agree(c2)
+
+
+def test_a_collection_without_postings_gets_them_built_in_the_background(hashing, tmp_path):
+    """A collection written before lexical indexes existed (no postings, no record of them) is served dense at
+    start while its index is built, then ranks as exactly as a new one."""
+    manager = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
+    manager.load_all()
+    c, _ = manager.create("old")
+    c.upsert(docs_of(hashing, items(40)))
+    manager.close()
+    with sqlite3.connect(tmp_path / "old" / "collection.sqlite3") as db:  # as an earlier version left it
+        db.execute("DELETE FROM postings")
+        db.execute("DELETE FROM meta WHERE key = 'postings'")
+        config = json.loads(db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
+        del config["lexical"], config["alpha"]
+        db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(config),))
+    reopened = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
+    reopened.load_all()
+    c = reopened.get("old")
+    assert c.config.lexical is not None and c.config.lexical.language == "english"
+    deadline = time.time() + 30
+    while c.lexical_status != "ready" and time.time() < deadline:
+        time.sleep(0.05)
+    assert c.lexical_status == "ready"
+    agree(c)
+
+
+def test_lexical_search_falls_back_to_dense_and_says_why(hashing, tmp_path):
+    manager = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
+    manager.load_all()
+    c, _ = manager.create("docs")
+    c.upsert(docs_of(hashing, items(5)))
+    q = hashing.encode(["of the and"], "query")
+    found = c.search(q, ["of the and"], SearchPlan(k=3, mode="hybrid"))[0]
+    assert found.mode_used == "dense" and "no indexable terms" in found.note and len(found.hits) == 3
+    plain, _ = manager.create("plain", lexical=None)
+    plain.upsert(docs_of(hashing, items(5)))
+    with pytest.raises(InvalidInputError, match="has no lexical index"):
+        plain.search(q, ["revenue"], SearchPlan(k=3, mode="lexical"))
+
+
+# --------------------------------------------------------------------------------------------- fusion
+def test_weighted_fusion_on_known_lists():
+    dense = {"a": 0.9, "b": 0.5, "c": 0.1}
+    lexical = {"b": 12.0, "d": 4.0}
+    assert minmax(dense) == {"a": 1.0, "b": 0.5, "c": 0.0}
+    fused = weighted(dense, lexical, alpha=0.5)
+    assert fused == pytest.approx({"a": 0.5, "b": 0.75, "c": 0.0, "d": 0.0})  # d: lexical minimum, absent on dense
+    assert ranked(fused) == ["b", "a", "c", "d"]  # ties by key
+    assert weighted(dense, {}, alpha=0.3) == pytest.approx({"a": 0.3, "b": 0.15, "c": 0.0})  # one side empty
+    assert weighted({"x": 2.0, "y": 2.0}, {}, alpha=1.0) == {"x": 1.0, "y": 1.0}  # all tied: all normalised to 1
+    assert weighted(dense, lexical, alpha=1.0) == pytest.approx({**minmax(dense), "d": 0.0})  # alpha 1: dense only
+
+
+def test_rrf_on_known_lists():
+    fused = rrf({"a": 3.0, "b": 2.0, "c": 1.0}, {"c": 9.0, "a": 1.0})
+    assert fused == pytest.approx({"a": 1 / 61 + 1 / 62, "b": 1 / 62, "c": 1 / 63 + 1 / 61})
+    assert ranked(fused) == ["a", "c", "b"]
+    assert ranked(rrf({"x": 1.0, "y": 1.0}, {})) == ["x", "y"]  # tied scores: ranked by key, so x first
+
+
+def test_fused_matrices_keep_only_candidates():
+    dense = np.array([[0.9, 0.1, 0.5, 0.2]])
+    lexical = np.array([[0.0, 3.0, 1.0, 0.0]])
+    fused = fuse_rows(dense, lexical, "weighted", 0.5, n=2)  # dense candidates 0, 2; lexical 1, 2
+    assert fused[0, 3] == -np.inf and fused[0, 2] == pytest.approx(0.5 * 0.0 + 0.5 * 0.0)
+    assert fused[0, 0] == pytest.approx(0.5) and fused[0, 1] == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------------- filters
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.5, 1.0, -2.5]), st.sampled_from(["a", "b", "1"]))
+METADATA = st.dictionaries(st.sampled_from(["x", "y", "z"]), VALUES, max_size=3)
+NUMBER = st.one_of(st.integers(-3, 3), st.sampled_from([0.5, -1.5]))
+CONDITION = st.one_of(
+    VALUES,
+    st.builds(lambda v: {"$eq": v}, VALUES), st.builds(lambda v: {"$ne": v}, VALUES),
+    st.builds(lambda op, v: {op: v}, st.sampled_from(["$gt", "$gte", "$lt", "$lte"]), NUMBER),
+    st.builds(lambda op, v: {op: v}, st.sampled_from(["$in", "$nin"]), st.lists(VALUES, min_size=1, max_size=3)),
+    st.builds(lambda v: {"$exists": v}, st.booleans()),
+)
+LEAF = st.dictionaries(st.sampled_from(["x", "y", "z"]), CONDITION, min_size=1, max_size=2)
+FILTER = st.recursive(LEAF, lambda inner: st.builds(lambda op, parts: {op: parts}, st.sampled_from(["$and", "$or"]), st.lists(inner, min_size=1, max_size=3)), max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def filtered(hashing, tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    values = [None, True, False, -3, 0, 1, 2, 1.0, 0.5, -2.5, "a", "b", "1"]
+    manager = CollectionManager(tmp_path_factory.mktemp("filters"), hashing.fingerprint, hashing.dim, hashing.spec)
+    manager.load_all()
+    c, _ = manager.create("f")
+    meta = {f"m{i}": {k: rng.choice(values) for k in "xyz" if rng.random() < 0.7} for i in range(120)}
+    c.upsert(docs_of(hashing, [(d, f"document {d} about revenue and riders", m) for d, m in meta.items()]))
+    return c, meta
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(where=FILTER)
+def test_filters_select_exactly_what_a_brute_force_evaluation_selects(filtered, where):
+    c, meta = filtered
+    expected = {d for d, m in meta.items() if matches(parse(where), m)}
+    store_keys = c.store.matching(where)
+    docs = c.store.documents(sorted({int(k) >> 16 for k in store_keys}))
+    assert {v[0] for v in docs.values()} == expected
+    q = np.ones((1, c.config.dim), np.float32) / np.sqrt(c.config.dim)
+    for mode in ("dense", "lexical", "hybrid"):
+        hits = c.search(q, ["revenue riders"], SearchPlan(k=200, mode=mode, where=where))[0].hits
+        assert {h.id for h in hits} == expected, mode  # every mode filters, and every match is found
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        ({"x": {"$gt": "a"}}, "filter.x.$gt takes a number"),
+        ({"x": {"$between": [1, 2]}}, "unknown operator '$between'"),
+        ({"$not": {"x": 1}}, "unknown operator '$not'"),
+        ({"x": [1, 2]}, 'use {"$in": [...]}'),
+        ({"x": {"$in": []}}, "filter.x.$in takes a list of 1 to 1024"),
+        ({"x": {"$exists": 1}}, "takes true or false"),
+        ({"$or": []}, "filter.$or must be a list of 1 to 1024 filters"),
+        ({"x": {}}, "empty object"),
+    ],
+)
+def test_bad_filters_name_the_field_and_what_is_allowed(where, message):
+    with pytest.raises(InvalidInputError) as err:
+        parse(where)
+    assert message in err.value.message
