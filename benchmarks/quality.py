@@ -14,6 +14,12 @@ epoch on a 10% validation split by document), the same with hard negatives mined
 (``embedlift data mine-negatives`` defaults, one negative column), and the peer with its tutorial settings
 (linear: 4 epochs; two-layer: ``TwoLayerNN(384, 1024, 384, bias=True, add_residual=True)``, 25 epochs),
 on the same base (the packaged all-MiniLM-L6-v2). Every row is scored by the same exact metric code.
+
+Hybrid rows (``--skip-hybrid`` leaves them out): BM25 alone over each document's best window (English analyzer),
+the base fused with it at ``DEFAULT_ALPHA`` (weighted, each side's top 100 min-max normalised) and with RRF
+(k=60), and each adapter or fine-tuned model fused at the alpha its training fitted on its own validation split;
+the test split never chooses anything. ``base alpha`` lines report the alpha the base's own training split
+would pick: the evidence behind ``DEFAULT_ALPHA``.
 ``train s`` is wall time from dataset to trained adapter, base embeddings included (embedlift starts from
 an empty cache; the peer embeds inside its training loop).
 """
@@ -43,6 +49,10 @@ from embedlift.training.dataset import QADataset, load_dataset, split, subset  #
 from embedlift.training.fit import FitSettings, evaluate_adapter, fit_adapter  # noqa: E402
 from embedlift.training.metrics import mean_metrics, per_query_metrics  # noqa: E402
 from embedlift.training.retrieval import embed_dataset  # noqa: E402
+from embedlift.models.fusion import DEFAULT_ALPHA  # noqa: E402
+from embedlift.models.lexical import LexicalSettings  # noqa: E402
+from embedlift.training.fit import SELECTION_METRIC  # noqa: E402
+from embedlift.training.hybrid import fit_alpha, hybrid_scores, with_lexical  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lyft_2021_10k" / "train_dataset.json"
 SHOWN = ("hit_rate@5", "mrr@5", "hit_rate@10", "mrr@10")
@@ -69,25 +79,49 @@ def lyft_splits(ds: QADataset) -> dict[str, tuple[QADataset, QADataset]]:
     }
 
 
-def run_embedlift(split_name: str, train_ds: QADataset, test_ds: QADataset, encoder: LocalEncoder, workdir: Path) -> list[Row]:
-    """Base (truncated and windowed) and both adapter kinds; each kind timed from an empty cache."""
+def lexical_of(data, ds: QADataset):
+    """The dataset's BM25 scores beside its dense ones (each document by its best window)."""
+    return with_lexical(data, ds.corpus, [ds.queries[q] for q in data.query_ids], LexicalSettings())
+
+
+def hybrid_metrics(data, dense: np.ndarray, alpha: float, fusion: str = "weighted") -> dict[str, float]:
+    return mean_metrics(per_query_metrics(hybrid_scores(dense, data.lexical, fusion, alpha), data.doc_ids, data.relevant))
+
+
+def run_embedlift(split_name: str, train_ds: QADataset, test_ds: QADataset, encoder: LocalEncoder, workdir: Path, *, hybrid: bool) -> list[Row]:
+    """Base (truncated and windowed) and both adapter kinds; each kind timed from an empty cache. With
+    ``hybrid``: BM25 alone, the base fused (default alpha, RRF) and each adapter fused at its validation alpha."""
     rows = []
     warm = CachedEncoder(encoder, EmbeddingCache(workdir / f"{split_name[0]}-warm.sqlite3"), progress=False)
     test = embed_dataset(warm, test_ds)
     test_truncated = embed_dataset(warm, test_ds, windows=False)
     rows.append(Row(split_name, "base", "truncated", evaluate_adapter(test_truncated, None)))
     rows.append(Row(split_name, "base", "windows", evaluate_adapter(test, None)))
+    if hybrid:
+        test = lexical_of(test, test_ds)
+        base_scores = test.scores(None)
+        rows.append(Row(split_name, "lexical", "BM25 (best window)", mean_metrics(per_query_metrics(test.lexical, test.doc_ids, test.relevant))))
+        rows.append(Row(split_name, "base", f"hybrid (alpha {DEFAULT_ALPHA})", hybrid_metrics(test, base_scores, DEFAULT_ALPHA)))
+        rows.append(Row(split_name, "base", "hybrid (rrf)", hybrid_metrics(test, base_scores, DEFAULT_ALPHA, "rrf")))
+        train = lexical_of(embed_dataset(warm, train_ds), train_ds)
+        learned = fit_alpha(train, train.scores(None), SELECTION_METRIC)
+        print(f"base alpha on the training split of {split_name}: {learned.alpha} ({SELECTION_METRIC} "
+              f"{learned.validation['dense'][SELECTION_METRIC]:.4f} dense -> {learned.validation['hybrid'][SELECTION_METRIC]:.4f})", file=sys.stderr)
     for kind in ("linear", "mlp"):
         cold = CachedEncoder(encoder, EmbeddingCache(workdir / f"{split_name[0]}-{kind}-cold.sqlite3"), progress=False)
         started = time.perf_counter()
         fit_ds, val_ds = split(train_ds, 0.1, by="document", seed=0)  # embedlift train's default validation
-        result = fit_adapter(embed_dataset(cold, fit_ds), embed_dataset(cold, val_ds), FitSettings(kind=kind), progress=False)
+        val = embed_dataset(cold, val_ds)
+        result = fit_adapter(embed_dataset(cold, fit_ds), val, FitSettings(kind=kind), progress=False)
         seconds = time.perf_counter() - started
         rows.append(Row(split_name, "embedlift", kind, evaluate_adapter(test, result.adapter), seconds))
+        if hybrid:  # as embedlift train fits it: on the validation split, with the adapter's scores
+            alpha = fit_alpha(lexical_of(val, val_ds), val.scores(result.adapter), SELECTION_METRIC).alpha
+            rows.append(Row(split_name, "embedlift", f"{kind} + hybrid (alpha {alpha})", hybrid_metrics(test, test.scores(result.adapter), alpha)))
     return rows
 
 
-def run_finetune(split_name: str, train_ds: QADataset, test_ds: QADataset, workdir: Path, *, negatives: bool) -> Row:
+def run_finetune(split_name: str, train_ds: QADataset, test_ds: QADataset, workdir: Path, *, negatives: bool, hybrid: bool) -> list[Row]:
     """`embedlift finetune` with its defaults (and, with ``negatives``, on the dataset `data mine-negatives`
     writes); timed from the dataset to the written model, mining included."""
     from embedlift.models.spec import BaseSpec
@@ -100,11 +134,17 @@ def run_finetune(split_name: str, train_ds: QADataset, test_ds: QADataset, workd
         base = CachedEncoder(LocalEncoder(), EmbeddingCache(workdir / f"{split_name[0]}-mine.sqlite3"), progress=False)
         fit_ds, _ = mine(fit_ds, embed_dataset(base, fit_ds), MiningSettings())
     out = workdir / f"ft-{split_name[0]}-{negatives}"
-    finetune_model(BaseSpec(), fit_ds, val_ds, out, FinetuneSettings(), progress=False)
+    result = finetune_model(BaseSpec(), fit_ds, val_ds, out, FinetuneSettings(), progress=False)
     seconds = time.perf_counter() - started
     tuned = LocalEncoder(out)
     name = "full fine-tune" + (" + mined negatives" if negatives else "")
-    return Row(split_name, "embedlift", name, evaluate_adapter(embed_dataset(tuned, test_ds), None), seconds)
+    test = embed_dataset(tuned, test_ds)
+    rows = [Row(split_name, "embedlift", name, evaluate_adapter(test, None), seconds)]
+    if hybrid and result.fusion is not None:
+        test = lexical_of(test, test_ds)
+        alpha = result.fusion.alpha
+        rows.append(Row(split_name, "embedlift", f"{name} + hybrid (alpha {alpha})", hybrid_metrics(test, test.scores(None), alpha)))
+    return rows
 
 
 def fit_time_cached(ds: QADataset, encoder: LocalEncoder, workdir: Path) -> tuple[float, float]:
@@ -165,6 +205,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--skip-peer", action="store_true", help="do not run LlamaIndex")
     parser.add_argument("--skip-finetune", action="store_true", help="do not run the full fine-tunes (the slow rows)")
+    parser.add_argument("--skip-hybrid", action="store_true", help="leave out the lexical and hybrid rows")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
 
@@ -175,9 +216,10 @@ def main() -> int:
         workdir = Path(tmp)
         for name, (train_ds, test_ds) in lyft_splits(ds).items():
             print(f"split {name}: train {train_ds.summary()}, test {test_ds.summary()}", file=sys.stderr)
-            rows += run_embedlift(name, train_ds, test_ds, encoder, workdir)
+            rows += run_embedlift(name, train_ds, test_ds, encoder, workdir, hybrid=not args.skip_hybrid)
             if not args.skip_finetune:
-                rows += [run_finetune(name, train_ds, test_ds, workdir, negatives=n) for n in (False, True)]
+                for n in (False, True):
+                    rows += run_finetune(name, train_ds, test_ds, workdir, negatives=n, hybrid=not args.skip_hybrid)
             if not args.skip_peer:
                 rows += run_llamaindex(name, train_ds, test_ds, workdir)
         fit_s, embed_s = fit_time_cached(ds, encoder, workdir)
@@ -188,7 +230,7 @@ def main() -> int:
     for r in rows:
         t = "" if r.train_seconds is None else f"{r.train_seconds:.1f}"
         table.add_row(r.split, r.system, r.model, *(f"{r.metrics[m]:.4f}" for m in SHOWN), t)
-    console = Console(width=140)
+    console = Console(width=150)
     console.print(table)
     console.print(
         f"linear adapter on all {len(ds.queries)} pairs: {fit_s:.2f} s to train once base vectors are cached "

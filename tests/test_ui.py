@@ -99,13 +99,19 @@ def test_search_shows_base_and_adapters_side_by_side(page, site):
     page.click("#search-form button[type=submit]")
     page.wait_for_selector("#columns .column:nth-child(3) .hit")
     labels = page.locator("#columns .column h2").all_inner_texts()
-    assert labels == ["base", "active (alpha@1)", "beta@1"]
+    assert labels == ["base · hybrid", "active (alpha@1) · hybrid", "beta@1 · hybrid"]  # hybrid: the collection's default
     for i in (1, 2, 3):
         assert page.locator(f"#columns .column:nth-child({i}) .hit").count() == 5
     # every adapter hit says how it moved against the base: an arrow, "=" or "new"
     changes = page.locator("#columns .column:nth-child(2) .rank-change").all_inner_texts()
     assert len(changes) == 5 and all(c == "=" or c == "new" or c[0] in "▲▼" for c in changes)
     page.screenshot(path=str(SHOTS[-1] / "search.png"), full_page=True)
+    # the mode selector: dense only, then BM25 only
+    for mode in ("dense", "lexical"):
+        page.select_option("#mode", mode)
+        page.click("#search-form button[type=submit]")
+        page.wait_for_function(f"document.querySelector('#columns .column h2').textContent.endsWith('· {mode}')")
+    page.select_option("#mode", "")
 
 
 def test_eval_draws_hit_rate_curves_and_lists_fixed_and_broken_queries(page, site):
@@ -121,7 +127,15 @@ def test_eval_draws_hit_rate_curves_and_lists_fixed_and_broken_queries(page, sit
     assert lines == [["base", 10], ["alpha@1", 10], ["beta@1", 10]]
     assert page.locator("#changes .changes").count() == 2
     assert page.locator("#changes .changes h2").first.inner_text().startswith("alpha@1: fixed")
+    # hybrid rows: BM25 alone and each model fused with it, drawn dashed beside the dense curves
+    page.check("#eval-hybrid")
+    page.click("#eval-form button[type=submit]")
+    page.wait_for_selector("#eval-table tr:nth-child(8)", timeout=120_000)
+    lines = page.evaluate("() => Chart.getChart('hit-chart').data.datasets.map(d => [d.label, d.borderDash.length > 0])")
+    assert lines == [["base", False], ["alpha@1", False], ["beta@1", False], ["lexical", True], ["base+hybrid", True],
+                     ["alpha@1+hybrid", True], ["beta@1+hybrid", True]]
     page.screenshot(path=str(SHOTS[-1] / "eval.png"), full_page=True)
+    page.uncheck("#eval-hybrid")
 
 
 def test_a_stored_dataset_evaluates_like_the_same_file_sent_inline(page, site):

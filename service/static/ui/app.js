@@ -104,13 +104,17 @@ async function search(event) {
   event.preventDefault();
   const collection = $("#collection").value;
   if (!collection) throw new Error("no collection: create one with PUT /collections/{name} and upsert documents");
-  const body = { query: $("#query").value, k: Number($("#k").value) };
+  const body = { query: $("#query").value, k: Number($("#k").value), ...($("#mode").value ? { mode: $("#mode").value } : {}) };
   const models = ["base", $("#compare-a").value, $("#compare-b").value].filter((m, i, all) => m !== "none" && all.indexOf(m) === i);
   say("searching…");
   const results = await Promise.all(
     models.map((m) => api(`/collections/${encodeURIComponent(collection)}/search`, { method: "POST", body: { ...body, adapter: m === "active" ? null : m } })),
   );
-  const columns = results.map((r, i) => ({ label: models[i] === "active" ? `active (${r.data.adapter})` : r.data.adapter, hits: r.data.hits }));
+  const columns = results.map((r, i) => ({
+    label: `${models[i] === "active" ? `active (${r.data.adapter})` : r.data.adapter} · ${r.data.mode_used}`,
+    hits: r.data.hits,
+    note: r.data.note,
+  }));
   renderColumns(columns);
   say(`${columns.length} columns for “${body.query}”`);
 }
@@ -126,6 +130,12 @@ function renderColumns(columns) {
     const h2 = document.createElement("h2");
     h2.textContent = c.label;
     col.append(h2);
+    if (c.note) {
+      const note = document.createElement("p");
+      note.className = "muted note";
+      note.textContent = c.note;
+      col.append(note);
+    }
     c.hits.forEach((h, i) => {
       const card = document.createElement("div");
       card.className = "hit" + (seen.get(h.id) === 1 ? " only" : "");
@@ -137,6 +147,8 @@ function renderColumns(columns) {
       id.textContent = `${i + 1}. ${h.id}`;
       const score = document.createElement("span");
       score.textContent = `score ${h.score.toFixed(3)}`;
+      const sides = h.scores || {};
+      score.title = `dense ${sides.dense == null ? "—" : sides.dense.toFixed(3)}, lexical ${sides.lexical == null ? "—" : sides.lexical.toFixed(3)}`;
       meta.append(id, score);
       if (ci > 0) meta.append(rankChange(baseRank.get(h.id), i + 1));
       const p = document.createElement("p");
@@ -187,7 +199,8 @@ async function runEval(event) {
     source.dataset_name = stored; // read by the server from its datasets directory; rows show query ids
   }
   const adapters = [...$("#eval-adapters").selectedOptions].map((o) => o.value);
-  const body = { ...source, k: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], per_query: true, ...(adapters.length ? { adapters } : {}) };
+  const hybrid = $("#eval-hybrid").checked ? { mode: "hybrid" } : {};
+  const body = { ...source, k: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], per_query: true, ...hybrid, ...(adapters.length ? { adapters } : {}) };
   say(`evaluating ${file ? file.name : stored}…`);
   let { status, data } = await api("/eval", { method: "POST", body });
   if (status === 202) data = await waitForJob(data.job.id);
@@ -214,6 +227,7 @@ function renderEval(result, dataset) {
     data: ks.map((k) => result.metrics[m][`hit_rate@${k}`]),
     borderColor: colors[i % colors.length],
     backgroundColor: colors[i % colors.length],
+    borderDash: m === "lexical" || m.endsWith("+hybrid") ? [6, 4] : [], // hybrid and lexical rows dashed
     tension: 0.2,
   }));
   if (state.chart) state.chart.destroy();
