@@ -13,11 +13,16 @@ their first 12 words, passages the Lyft chunks):
 4. In the engine, without HTTP: adapter overhead (base, linear, mlp), cache hit vs miss, hot-swap time.
 5. FAISS search time per query (query encoding excluded) at 10k, 100k and 1M vectors, exact and HNSW, with
    HNSW's recall@10 against exact.
+6. Hybrid retrieval in a collection (query encoding excluded): search time per query at 10k and 100k documents,
+   dense, lexical and hybrid (the corpus: the Lyft chunks repeated under distinct ids, each copy with a few words
+   changed and its real window vectors slightly perturbed; the queries: the Lyft questions), and upsert throughput
+   through the engine with the lexical index on vs off, the base vectors already cached (the model excluded).
 
 Ratios are against references measured in the same run, so a slower or busier machine moves every row
 together. The load generator shares the two cores with the server, as the targets assume.
 
-Usage: ``python benchmarks/serving.py [--duration S] [--infinity PATH] [--sizes 10000,100000,1000000]``
+Usage: ``python benchmarks/serving.py [--duration S] [--infinity PATH] [--sizes 10000,100000,1000000]
+[--hybrid-sizes 10000,100000] [--skip http,infinity,engine,faiss,hybrid]``
 """
 
 from __future__ import annotations
@@ -210,30 +215,31 @@ def infinity_server(script: str, tmp: Path) -> tuple[subprocess.Popen, str, floa
 
 # ------------------------------------------------------------------------------------ 4. engine parts
 def engine_parts(queries: list[str], tmp: Path) -> dict:
-    from embedlift.models.checkpoint import BaseInfo, save_checkpoint
+    import asyncio
+
     from embedlift.models.adapters import AdapterConfig, build_adapter
+    from embedlift.models.checkpoint import base_info, save_checkpoint
     from embedlift.service.engine import Engine
     from embedlift.service.settings import Settings
 
     adapters = tmp / "engine-adapters"
     engine = Engine.from_settings(Settings(data_dir=tmp / "engine-data", adapters_dir=adapters, cache_mb=0), watch=False)
     base = engine.base
-    info = BaseInfo(name=base.name, fingerprint=base.fingerprint, dim=base.dim, details=base.describe())
     for kind in ("linear", "mlp"):
         adapter = build_adapter(AdapterConfig(kind=kind, dim=base.dim))
-        save_checkpoint(adapter, adapters / kind, base=info, name=kind)
+        save_checkpoint(adapter, adapters / kind, base=base_info(base), name=kind)
         engine.registry.register_name(kind)
     batch = queries[:64]
-    engine.embed(batch, "query", "base")
+    asyncio.run(engine.embed(batch, "query", "base"))
     timings: dict[str, list[float]] = {"base": [], "linear": [], "mlp": []}
     for _ in range(8):  # interleaved, so drift in machine speed hits every row alike
         for name in timings:
             t = time.perf_counter()
-            engine.embed(batch, "query", name)
+            asyncio.run(engine.embed(batch, "query", name))
             timings[name].append(time.perf_counter() - t)
     per_call = {k: statistics.median(v) for k, v in timings.items()}
     # The adapter's own cost, isolated from the machine's noise: its transform of the same 64 base vectors.
-    base_vectors = engine.embed(batch, "query", "base").vectors
+    base_vectors = asyncio.run(engine.embed(batch, "query", "base")).vectors
     transform_ms = {}
     for name in ("linear", "mlp"):
         adapter = engine.resolve(name).checkpoint.adapter
@@ -256,11 +262,11 @@ def engine_parts(queries: list[str], tmp: Path) -> dict:
     misses, hits = [], []
     for q in queries[:100]:
         t = time.perf_counter()
-        cached.embed([q], "query", "base")
+        asyncio.run(cached.embed([q], "query", "base"))
         misses.append(time.perf_counter() - t)
     for q in queries[:100]:
         t = time.perf_counter()
-        cached.embed([q], "query", "base")
+        asyncio.run(cached.embed([q], "query", "base"))
         hits.append(time.perf_counter() - t)
     cached.close()
     return {
@@ -291,7 +297,7 @@ def faiss_search(sizes: list[int], queries: list[str], passages: list[str]) -> l
     import faiss
 
     from embedlift.models.encoders import LocalEncoder
-    from embedlift.service.collections import CollectionConfig, View
+    from embedlift.service.collections import CollectionConfig, FaissIndex
 
     encoder = LocalEncoder()
     anchors = encoder.encode(passages, "document")
@@ -304,20 +310,20 @@ def faiss_search(sizes: list[int], queries: list[str], passages: list[str]) -> l
         exact_hits = None
         for kind in ("flat", "hnsw"):
             config = CollectionConfig(name="bench", base_fingerprint=encoder.fingerprint, dim=encoder.dim, index=kind)
-            view = View(config, None, kind)
+            view = FaissIndex(None, config)  # type: ignore[arg-type]  # filled here, not from a store
             t = time.perf_counter()
             for start in range(0, n, 50_000):
-                view.add(ids[start : start + 50_000], vectors[start : start + 50_000])
+                view._add(view._index, ids[start : start + 50_000], vectors[start : start + 50_000])  # noqa: SLF001
             build = time.perf_counter() - t
             params = faiss.SearchParametersHNSW(efSearch=config.ef_search) if kind == "hnsw" else None
             times, found = [], []
             for row in q:
                 t = time.perf_counter()
-                _, hit = view.index.search(row[None, :], 10, params=params)
+                _, hit = view._index.search(row[None, :], 10, params=params)  # noqa: SLF001
                 times.append((time.perf_counter() - t) * 1000)
                 found.append(hit[0])
             t = time.perf_counter()
-            view.index.search(q, 10, params=params)
+            view._index.search(q, 10, params=params)  # noqa: SLF001
             batch_ms = (time.perf_counter() - t) * 1000 / len(q)
             if kind == "flat":
                 exact_hits = found
@@ -333,8 +339,94 @@ def faiss_search(sizes: list[int], queries: list[str], passages: list[str]) -> l
     return rows
 
 
+# ------------------------------------------------------------------------------------------- 6. hybrid
+def variants(passages: list[str], anchors: list[tuple[list, np.ndarray]], n: int, rng: np.random.Generator):
+    """``n`` documents from the Lyft chunks: copy ``i`` of chunk ``c`` has a few words changed (so it has terms of
+    its own) and the chunk's real window vectors plus a little noise, renormalised."""
+    from embedlift.service.collections import NewDocument
+
+    for i in range(n):
+        c = i % len(passages)
+        words = passages[c].split()
+        for j in rng.choice(len(words), size=3, replace=False):
+            words[j] = f"{words[j]}{i % 97}"
+        text = " ".join(words)
+        spans, vectors = anchors[c]
+        noisy = vectors + rng.normal(0, 0.02, vectors.shape).astype(np.float32)
+        yield NewDocument(id=f"doc-{i}", text=text, metadata={"copy": i // len(passages)},
+                          spans=[(0, len(text))] if len(spans) == 1 else [(int(a * len(text) / len(passages[c])), int(b * len(text) / len(passages[c]))) for a, b in spans],
+                          vectors=noisy / np.linalg.norm(noisy, axis=1, keepdims=True))
+
+
+def hybrid_search(sizes: list[int], queries: list[str], passages: list[str], tmp: Path) -> dict:
+    import asyncio
+
+    from embedlift.models.encoders import LocalEncoder
+    from embedlift.models.windows import embed_documents
+    from embedlift.service.collections import CollectionManager
+    from embedlift.service.collections.collection import SearchPlan
+    from embedlift.service.engine import Engine
+    from embedlift.service.schemas import Document
+    from embedlift.service.settings import Settings
+
+    encoder = LocalEncoder()
+    embedded = embed_documents(encoder, passages)
+    anchors = embedded.per_document()
+    q = encoder.encode(queries[:200], "query")
+    texts = queries[:200]
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        manager = CollectionManager(tmp / f"hybrid-{n}", encoder.fingerprint, encoder.dim, encoder.spec)
+        manager.load_all()
+        collection, _ = manager.create("bench")
+        t = time.perf_counter()
+        batch = []
+        for doc in variants(passages, anchors, n, rng):
+            batch.append(doc)
+            if len(batch) == 1000:
+                collection.upsert(batch)
+                batch = []
+        if batch:
+            collection.upsert(batch)
+        while collection.base_index.rebuilding:  # ``auto``: HNSW past 20,000 windows, built in the background
+            time.sleep(0.2)
+        print(f"  {n:,} documents ({collection.counts()[1]:,} windows, {collection.kind}) in {time.perf_counter() - t:.0f} s", flush=True)
+        for mode in ("dense", "lexical", "hybrid"):
+            times = []
+            for i in range(len(texts)):
+                t = time.perf_counter()
+                collection.search(q[i : i + 1], texts[i : i + 1], SearchPlan(k=10, mode=mode))
+                times.append((time.perf_counter() - t) * 1000)
+            rows.append({"n": n, "mode": mode, "index": collection.kind, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)})
+            print(f"  {n:>9,d} {mode:7s} p50 {rows[-1]['p50_ms']:.2f} ms  p99 {rows[-1]['p99_ms']:.2f} ms", flush=True)
+        manager.close()
+    # upsert throughput, the model excluded: the persistent cache holds every window's base vector first
+    engine = Engine.from_settings(Settings(data_dir=tmp / "upsert-data", adapters_dir=tmp / "none", cache_mb=0), watch=False)
+    docs = [Document(id=f"u{i}", text=passages[i % len(passages)] + f" (copy {i})") for i in range(2000)]
+    asyncio.run(engine.create_collection("warm"))
+    for start in range(0, len(docs), 250):
+        asyncio.run(engine.upsert("warm", docs[start : start + 250]))
+    from embedlift.service.schemas import CollectionCreate
+
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for round_ in range(3):  # interleaved, so drift in machine speed hits both alike
+        for lexical in ("on", "off"):
+            name = f"{lexical}-{round_}"
+            asyncio.run(engine.create_collection(name, CollectionCreate(lexical=None) if lexical == "off" else None))
+            t = time.perf_counter()
+            for start in range(0, len(docs), 250):
+                asyncio.run(engine.upsert(name, docs[start : start + 250]))
+            rates[lexical].append(len(docs) / (time.perf_counter() - t))
+    engine.close()
+    upsert = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"  upserts, vectors cached: lexical on {upsert['on']:.0f} docs/s, off {upsert['off']:.0f} docs/s "
+          f"({upsert['on'] / upsert['off']:.0%})", flush=True)
+    return {"search": rows, "upsert": upsert}
+
+
 # ------------------------------------------------------------------------------------------- report
-def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float]) -> str:
+def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float], hybrid: dict | None = None) -> str:
     best = c["best"]
     lines = ["## Serving benchmark (`make bench-serving`)", ""]
     lines.append(f"In-process `SentenceTransformer.encode` ceiling, 12-word queries: best {best:.1f} queries/s at batch "
@@ -359,6 +451,13 @@ def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: d
     for r in search:
         lines.append(f"| {r['n']:,} | {r['index']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['batch_ms_per_query']:.3f} | "
                      f"{r['recall@10']:.3f} | {r['build_s']:.1f} |")
+    if hybrid:
+        lines += ["", "| documents | mode | dense index | search p50 ms | p99 ms |", "|---:|---|---|---:|---:|"]
+        for r in hybrid["search"]:
+            lines.append(f"| {r['n']:,} | {r['mode']} | {r['index']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+        u = hybrid["upsert"]
+        lines += ["", f"Upserts through the engine, base vectors cached: lexical index on {u['on']:.0f} documents/s, off "
+                  f"{u['off']:.0f} documents/s ({u['on'] / u['off']:.0%} of dense-only)."]
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +466,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10, help="seconds per load point (default 10)")
     p.add_argument("--infinity", default=os.environ.get("INFINITY"), help="infinity_emb script of its own venv (skipped when absent)")
     p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes for the FAISS rows")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: http,infinity,engine,faiss")
+    p.add_argument("--hybrid-sizes", default="10000,100000", help="collection sizes (documents) for the hybrid rows")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: http,infinity,engine,faiss,hybrid")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if shutil.which("wrk") is None and "http" not in skip:
@@ -409,7 +509,11 @@ def main() -> int:
     if "faiss" not in skip:
         print("5. FAISS search", flush=True)
         search = faiss_search([int(s) for s in args.sizes.split(",")], queries, passages)
-    text = report(c, http, engine, search, ready) if engine else json.dumps({"ceiling": c, "http": http, "search": search}, default=float)
+    hybrid = None
+    if "hybrid" not in skip:
+        print("6. hybrid search and upserts", flush=True)
+        hybrid = hybrid_search([int(s) for s in args.hybrid_sizes.split(",")], queries, passages, tmp)
+    text = report(c, http, engine, search, ready, hybrid) if engine else json.dumps({"ceiling": c, "http": http, "search": search, "hybrid": hybrid}, default=float)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.md").write_text(text)
     print("\n" + text)
