@@ -19,14 +19,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from embedlift.models.encoders import Encoder, Role
-from embedlift.models.spec import BaseSpec
-from embedlift.models.windows import Span
+from embedlift.models.encoders import Encoder, Role, WrappedEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +190,7 @@ class CacheStats:
         return f"{self.cached} cached, {self.computed} computed"
 
 
-class CachedEncoder(Encoder):
+class CachedEncoder(WrappedEncoder):
     """Wraps an encoder so that each distinct input runs the model at most once, across runs.
 
     Args:
@@ -212,42 +209,14 @@ class CachedEncoder(Encoder):
         chunk_size: int = 256,
         progress: bool = True,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cache = cache
         self.chunk_size = chunk_size
         self.progress = progress
         self.stats = CacheStats()
         self._stats_lock = threading.Lock()
-        self.name, self.fingerprint = inner.name, inner.fingerprint
         if inner.needs_dim and cache is not None and (known := cache.dim_of(self.fingerprint)):
             inner.set_dim(known)  # a remote base's dimension, without a probe call
-
-    @property
-    def dim(self) -> int:  # type: ignore[override]
-        return self.inner.dim
-
-    @property
-    def needs_dim(self) -> bool:
-        return self.inner.needs_dim
-
-    def set_dim(self, dim: int) -> None:
-        self.inner.set_dim(dim)
-
-    @property
-    def spec(self) -> BaseSpec:
-        return self.inner.spec
-
-    def prompt(self, role: Role) -> str:
-        return self.inner.prompt(role)
-
-    def split(self, texts: Sequence[str], role: Role) -> list[list[Span]]:
-        return self.inner.split(texts, role)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.inner.count_tokens(texts)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
 
     def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
         prompt = self.inner.prompt(role)

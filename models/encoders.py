@@ -46,7 +46,7 @@ def backend_of(fingerprint: str) -> str:
     """The backend a fingerprint was computed on (``torch`` when it names none)."""
     return fingerprint.split("+", 1)[1] if "+" in fingerprint else "torch"
 
-__all__ = ["DEFAULT_BASE", "Encoder", "LocalEncoder", "Role"]
+__all__ = ["DEFAULT_BASE", "Encoder", "LocalEncoder", "Role", "WrappedEncoder"]
 
 
 def check_role(role: str) -> Role:
@@ -103,6 +103,43 @@ class Encoder(ABC):
         """Tell the encoder its dimension (a remote base's, known from the base-embedding cache)."""
         if dim != self.dim:
             raise InvalidInputError(f"{self.name} has dimension {self.dim}, not {dim}")
+
+
+class WrappedEncoder(Encoder):
+    """An encoder in front of another (a cache, a batching queue): everything but ``encode`` is the inner one's."""
+
+    inner: Encoder
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
+        self.name, self.fingerprint = inner.name, inner.fingerprint
+
+    @property
+    def dim(self) -> int:  # type: ignore[override]
+        return self.inner.dim
+
+    @property
+    def needs_dim(self) -> bool:
+        return self.inner.needs_dim
+
+    def set_dim(self, dim: int) -> None:
+        self.inner.set_dim(dim)
+
+    @property
+    def spec(self) -> BaseSpec:
+        return self.inner.spec
+
+    def prompt(self, role: Role) -> str:
+        return self.inner.prompt(role)
+
+    def split(self, texts: Sequence[str], role: Role) -> list[list[Span]]:
+        return self.inner.split(texts, role)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
 
 
 def default_model_path() -> Path:

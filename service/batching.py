@@ -22,14 +22,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from embedlift.models.encoders import Encoder, Role
+from embedlift.models.encoders import Encoder, Role, WrappedEncoder
 from embedlift.models.errors import OverloadedError, UnavailableError
-from embedlift.models.spec import BaseSpec
-from embedlift.models.windows import Span
 from embedlift.service import metrics
 
 logger = logging.getLogger(__name__)
@@ -192,7 +189,7 @@ class BatchQueue:
                 heapq.heapify(self._heap)
 
 
-class BatchedEncoder(Encoder):
+class BatchedEncoder(WrappedEncoder):
     """The base encoder seen through a ``BatchQueue``: same interface, calls coalesced with other threads'.
 
     Tokenizer work (``split``, ``count_tokens``) runs in the caller's thread; only ``encode`` is queued.
@@ -201,37 +198,9 @@ class BatchedEncoder(Encoder):
     """
 
     def __init__(self, queue: BatchQueue, priority: int = INTERACTIVE) -> None:
+        super().__init__(queue.encoder)
         self.queue = queue
         self.priority = priority
-        self.inner = queue.encoder
-        self.name, self.fingerprint = self.inner.name, self.inner.fingerprint
-
-    @property
-    def dim(self) -> int:  # type: ignore[override]
-        return self.inner.dim
-
-    @property
-    def needs_dim(self) -> bool:
-        return self.inner.needs_dim
-
-    def set_dim(self, dim: int) -> None:
-        self.inner.set_dim(dim)
-
-    @property
-    def spec(self) -> BaseSpec:
-        return self.inner.spec
 
     def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
         return self.queue.submit(texts, role, self.priority).result()
-
-    def split(self, texts: Sequence[str], role: Role) -> list[list[Span]]:
-        return self.inner.split(texts, role)
-
-    def prompt(self, role: Role) -> str:
-        return self.inner.prompt(role)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.inner.count_tokens(texts)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()

@@ -163,6 +163,29 @@ def test_a_collection_without_postings_gets_them_built_in_the_background(hashing
     agree(c)
 
 
+def test_reindexing_onto_another_base_rebuilds_the_postings_for_its_windows(hashing, tmp_path):
+    """Another base cuts other windows: a re-index stages their postings with their vectors and swaps both in one
+    transaction, so the lexical index of the re-indexed collection is exact for the new windows."""
+    from embedlift.models.spec import BaseSpec, load_base
+    from embedlift.service.collections import reindex
+
+    other = load_base(BaseSpec(model="hashing:64", max_seq_length=24))  # shorter windows: more of them
+    manager = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
+    manager.load_all()
+    c, _ = manager.create("docs")
+    c.upsert(docs_of(hashing, items(20)))
+    windows_before = c.counts()[1]
+    store = c.store
+    config, windows = reindex(store, other, batch=8)
+    assert config.base_fingerprint == other.fingerprint and windows > windows_before
+    manager.close()
+    moved = CollectionManager(tmp_path, other.fingerprint, other.dim, other.spec)
+    moved.load_all()
+    c2 = moved.get("docs")
+    assert c2.lexical_status == "ready" and c2.lexical_index.windows == windows
+    agree(c2)
+
+
 def test_lexical_search_falls_back_to_dense_and_says_why(hashing, tmp_path):
     manager = CollectionManager(tmp_path, hashing.fingerprint, hashing.dim, hashing.spec)
     manager.load_all()
