@@ -12,16 +12,29 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from embedlift.models.errors import InvalidInputError
-from embedlift.models.fusion import fuse_rows, minmax, ranked, rrf, weighted
-from embedlift.models.lexical import B, K1, BM25Matrix, analyzer
-from embedlift.models.windows import best_window_scores, embed_documents
+from embedlift.models.fusion import (
+    DEFAULT_ALPHA,
+    fuse_rows,
+    minmax,
+    ranked,
+    rrf,
+    weighted,
+)
+from embedlift.models.lexical import K1, B, BM25Matrix, LexicalSettings, analyzer
+from embedlift.models.windows import (
+    WindowedVectors,
+    best_window_scores,
+    embed_documents,
+)
 from embedlift.service.collections import CollectionManager, NewDocument
 from embedlift.service.collections.collection import SearchPlan
 from embedlift.service.collections.filters import matches, parse
+from embedlift.training.hybrid import ALPHA_GRID, fit_alpha, hybrid_scores
+from embedlift.training.metrics import per_query_metrics
+from embedlift.training.retrieval import EmbeddedDataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 CORPUS = [
     "Lyft's revenue grew as riders returned to the platform in 2021.",
@@ -126,7 +139,7 @@ def test_the_lexical_index_scores_exactly_through_writes_deletes_compaction_and_
     agree(c)
     c.upsert(docs_of(hashing, [("d3", "Replaced text about insurance claims.", {"n": 3})]))  # re-upsert
     c.delete(["d4", "d5", "d6", "d7", "d8", "d9", "d10", "d11", "d12", "d13"])  # past COMPACT_MIN: compacted
-    assert c.lexical_index._n == c.lexical_index.windows  # noqa: SLF001  (no dead slot left)
+    assert c.lexical_index._n == c.lexical_index.windows
     c.upsert(docs_of(hashing, items(10, offset=100)))
     agree(c)
     before = {q: lexical_hits(c, q) for q in ("revenue drivers", "insurance")}
@@ -288,3 +301,43 @@ def test_bad_filters_name_the_field_and_what_is_allowed(where, message):
     with pytest.raises(InvalidInputError) as err:
         parse(where)
     assert message in err.value.message
+
+
+# --------------------------------------------------------------------------------------------- alpha fit
+def _split(n_queries: int, n_docs: int, lexical: np.ndarray) -> EmbeddedDataset:
+    docs = WindowedVectors(np.eye(n_docs, dtype=np.float32), np.arange(n_docs), [(0, 1)] * n_docs, n_docs)
+    return EmbeddedDataset(
+        query_ids=[f"q{i}" for i in range(n_queries)], doc_ids=[f"d{j}" for j in range(n_docs)], queries=np.zeros((n_queries, 1), np.float32),
+        docs=docs, relevant=[{i % n_docs} for i in range(n_queries)], query_windows=np.ones(n_queries, np.int64),
+        lexical=lexical, lexical_settings=LexicalSettings(language="english"),
+    )
+
+
+def _scores(n_queries: int, n_docs: int, rank_of_relevant: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scores that put each query's relevant document at the given rank (0 = first), the rest in random order."""
+    out = np.zeros((n_queries, n_docs))
+    for i, rank in enumerate(rank_of_relevant):
+        order = [j for j in rng.permutation(n_docs) if j != i % n_docs]
+        order.insert(int(rank), i % n_docs)
+        out[i, order] = np.linspace(1.0, 0.0, n_docs)
+    return out
+
+
+def test_fit_alpha_follows_strong_evidence_and_keeps_the_default_on_noise():
+    rng = np.random.default_rng(0)
+    n_q, n_d = 200, 40
+    perfect = _scores(n_q, n_d, np.zeros(n_q, int), rng)
+    poor = _scores(n_q, n_d, rng.integers(10, n_d, n_q), rng)
+    # The lexical side is right and the dense side poor: the weight goes towards lexical, and the reverse.
+    towards_lexical = fit_alpha(_split(n_q, n_d, perfect), poor, "mrr@10")
+    towards_dense = fit_alpha(_split(n_q, n_d, poor), perfect, "mrr@10")
+    assert towards_lexical.alpha < DEFAULT_ALPHA < towards_dense.alpha
+    assert towards_dense.validation["hybrid"]["mrr@10"] == pytest.approx(1.0)
+    # Two equally good, independent sides on 12 queries: the raw best alpha (0.8 here) is noise, the default stays.
+    rng, few = np.random.default_rng(1), 12
+    a = _scores(few, n_d, rng.integers(0, 4, few), rng)
+    b = _scores(few, n_d, rng.integers(0, 4, few), rng)
+    split = _split(few, n_d, a)
+    mrr = {x: per_query_metrics(hybrid_scores(b, a, "weighted", x), split.doc_ids, split.relevant)["mrr@10"].mean() for x in ALPHA_GRID}
+    assert max(mrr, key=mrr.__getitem__) == 0.8
+    assert fit_alpha(split, b, "mrr@10").alpha == DEFAULT_ALPHA
