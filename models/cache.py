@@ -218,7 +218,8 @@ class CachedEncoder(WrappedEncoder):
         if inner.needs_dim and cache is not None and (known := cache.dim_of(self.fingerprint)):
             inner.set_dim(known)  # a remote base's dimension, without a probe call
 
-    def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
+    def lookup(self, texts: Sequence[str], role: Role) -> Lookup:
+        """What the cache already has for ``texts`` and which distinct inputs it lacks (counted in ``stats``)."""
         prompt = self.inner.prompt(role)
         keys = [input_key(prompt, t) for t in texts]
         unique: dict[bytes, str] = dict(zip(keys, texts, strict=True))
@@ -227,24 +228,49 @@ class CachedEncoder(WrappedEncoder):
         with self._stats_lock:
             self.stats.cached += len(unique) - len(missing)
             self.stats.computed += len(missing)
-        if not missing:  # the serving path's common case: no progress bar, no model
-            return _stack(found, keys, self.dim)
+        return Lookup(keys=keys, found=found, missing=missing, texts=unique)
+
+    def fill(self, lookup: Lookup, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+        """Keep computed vectors of ``keys`` (some of ``lookup.missing``), in the cache and in ``lookup``."""
+        if self.cache:
+            self.cache.put_many(self.fingerprint, list(zip(keys, vectors, strict=True)))
+        lookup.found.update(zip(keys, vectors, strict=True))
+
+    def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
+        lookup = self.lookup(texts, role)
+        if not lookup.missing:  # the serving path's common case: no progress bar, no model
+            return lookup.stacked(self.dim)
         bar = tqdm(
-            total=len(missing),
+            total=len(lookup.missing),
             desc=f"embedding ({self.inner.name})",
             unit="text",
             file=sys.stderr,
-            disable=not self.progress or len(missing) <= self.chunk_size,
+            disable=not self.progress or len(lookup.missing) <= self.chunk_size,
         )
         with bar:
-            for i in range(0, len(missing), self.chunk_size):
-                chunk = missing[i : i + self.chunk_size]
-                vectors = self.inner.encode([unique[k] for k in chunk], role)
-                if self.cache:
-                    self.cache.put_many(self.fingerprint, list(zip(chunk, vectors, strict=True)))
-                found.update(zip(chunk, vectors, strict=True))
+            for i in range(0, len(lookup.missing), self.chunk_size):
+                chunk = lookup.missing[i : i + self.chunk_size]
+                self.fill(lookup, chunk, self.inner.encode([lookup.texts[k] for k in chunk], role))
                 bar.update(len(chunk))
-        return _stack(found, keys, self.dim)
+        return lookup.stacked(self.dim)
+
+
+@dataclass
+class Lookup:
+    """One call's inputs against the cache: every input's key, the vectors found, the distinct keys missing."""
+
+    keys: list[bytes]
+    found: dict[bytes, np.ndarray]
+    missing: list[bytes]
+    texts: dict[bytes, str]
+
+    @property
+    def missing_texts(self) -> list[str]:
+        return [self.texts[k] for k in self.missing]
+
+    def stacked(self, dim: int) -> np.ndarray:
+        """``(len(keys), dim)`` float32, in input order (every key must be found by now)."""
+        return _stack(self.found, self.keys, dim)
 
 
 def _stack(found: dict[bytes, np.ndarray], keys: Sequence[bytes], dim: int) -> np.ndarray:

@@ -16,14 +16,17 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from embedlift.models.errors import InvalidInputError
+from embedlift.models.precision import PROBE, Precision, checked, resolve_device, resolve_precision
+from embedlift.models.runtimes import RUNTIMES, OpenVINOForward, Runtime, TorchForward
 from embedlift.models.spec import DEFAULT_BASE, BaseSpec, canonical_model
+from embedlift.models.tokens import TokenMemo, pad, token_batches
 from embedlift.models.windows import Span, plan_windows
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,10 @@ ROLES: tuple[Role, ...] = ("query", "document")
 #: the linear layers: faster on CPU, slightly different vectors).
 Backend = Literal["torch", "int8"]
 BACKENDS: tuple[Backend, ...] = ("torch", "int8")
+#: Padded tokens per forward pass (``--batch-tokens``), as TEI's ``max-batch-tokens``: measured on this
+#: project's CPU with all-MiniLM-L6-v2 (``benchmarks/serving.py``), where larger passes stop paying.
+DEFAULT_CPU_BATCH_TOKENS = 4096
+DEFAULT_GPU_BATCH_TOKENS = 32768
 
 
 def model_identity(fingerprint: str) -> str:
@@ -83,6 +90,11 @@ class Encoder(ABC):
     @abstractmethod
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text costs the model (for ``usage`` in responses)."""
+
+    def input_lengths(self, texts: Sequence[str], role: Role) -> list[int]:
+        """Tokens each input (one window) costs a forward pass, for the batch queue's token budget. A local
+        base tokenises here, in the caller's thread, and keeps the ids for ``encode``."""
+        return self.count_tokens(texts)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records about the base it was trained on (beside ``spec``)."""
@@ -138,8 +150,19 @@ class WrappedEncoder(Encoder):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.inner.count_tokens(texts)
 
+    def input_lengths(self, texts: Sequence[str], role: Role) -> list[int]:
+        return self.inner.input_lengths(texts, role)
+
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
+
+
+def default_compiled_dir() -> Path:
+    """Where a runtime's converted and compiled models are kept when no data directory is given: beside the
+    base-embedding cache (``$EMBEDLIFT_CACHE``'s folder, else ``$XDG_CACHE_HOME/embedlift``), under ``openvino``."""
+    if env := os.environ.get("EMBEDLIFT_CACHE"):
+        return Path(env).parent / "openvino"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "embedlift" / "openvino"
 
 
 def default_model_path() -> Path:
@@ -175,12 +198,21 @@ class LocalEncoder(Encoder):
             ``prompts["query"]`` if it has one.
         document_prompt: Likewise for documents.
         max_seq_length: Override the model's token limit.
-        batch_size: Texts per forward pass.
+        batch_size: Inputs per forward pass at most.
+        batch_tokens: Padded tokens per forward pass at most (inputs x the longest; default 4096 on a CPU,
+            32768 on a GPU): short questions share a pass by the dozen, full-window passages a few at a time.
         window_tokens: Tokens per window for long texts; default: the model's limit less special and
             prompt tokens.
         window_stride: Tokens between window starts; default three quarters of ``window_tokens``
             (a quarter overlaps, so a sentence cut at one edge is whole in the neighbour).
-        device: torch device.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``auto``: CUDA when torch sees a device).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (``models/precision.py``); anything but fp32 is
+            checked against fp32 on a probe set at load and falls back to fp32 below a cosine of 0.9999, so it
+            never changes the fingerprint.
+        runtime: ``torch`` or ``openvino`` (the transformer compiled by OpenVINO for the CPU, in ``precision``;
+            ``models/runtimes.py``), checked against torch fp32 as a precision is.
+        compiled_dir: Where OpenVINO's converted and compiled models are kept (default
+            ``default_compiled_dir()``; the server passes its data directory's ``openvino`` folder).
         backend: ``torch`` (float32) or ``int8`` (dynamic int8 quantization of the linear layers). The
             fingerprint keeps the float32 weights' identity and adds ``+int8``: the vectors differ, so the
             cache and collections keep them apart, and an adapter trained on float32 vectors runs on int8
@@ -198,20 +230,29 @@ class LocalEncoder(Encoder):
         batch_size: int = 32,
         window_tokens: int | None = None,
         window_stride: int | None = None,
-        device: str = "cpu",
+        device: str = "auto",
+        precision: str = "auto",
+        runtime: Runtime = "torch",
+        batch_tokens: int | None = None,
+        compiled_dir: str | os.PathLike[str] | None = None,
         backend: Backend = "torch",
         threads: int | None = None,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
+        if runtime not in RUNTIMES:
+            raise InvalidInputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         if threads is not None and threads < 1:
             raise InvalidInputError(f"threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads or available_cores())
         self.backend = backend
-        self.device, self.threads = device, threads
+        self.device, self.threads = resolve_device(device), threads
+        if backend == "int8" and self.device != "cpu":
+            raise InvalidInputError(f"--backend int8 (torch's dynamic quantization) runs on the CPU only, not on {self.device}")
+        wanted = "fp32" if backend == "int8" else resolve_precision(precision, self.device)
 
         source = str(model) if model is not None else DEFAULT_BASE
         self.source = source
@@ -223,7 +264,7 @@ class LocalEncoder(Encoder):
         else:
             path, self.name = source, source
         try:
-            self.model = SentenceTransformer(path, device=device)
+            self.model = SentenceTransformer(path, device=self.device)
         except Exception as exc:  # the hub client, transformers and ST each raise their own types
             raise InvalidInputError(
                 f"cannot load base model {source!r}: {exc}. Pass --base a local model directory or a hub id "
@@ -244,8 +285,8 @@ class LocalEncoder(Encoder):
         if (dim := get_dim()) is None:
             raise InvalidInputError(f"{self.name} does not state its embedding dimension; it is not a sentence-transformers embedding model")
         self.dim = int(dim)
-        # Window planning and token counts run in request threads while the model tokenizes in its own; a
-        # Rust tokenizer's padding/truncation state is shared and mutated per call, so each side has its own.
+        # Window planning, token counts and model inputs all tokenise with this copy, always with the same
+        # settings (a Rust tokenizer's padding/truncation state is shared between threads and set per call).
         self.tokenizer = copy.deepcopy(self.model.tokenizer)
         specials = self.tokenizer.num_special_tokens_to_add(False)
         prompt_tokens = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self._prompts.values())
@@ -274,45 +315,108 @@ class LocalEncoder(Encoder):
         if backend == "int8":
             self.model = quantize_int8(self.model)
             self.fingerprint += "+int8"
+        # a faster precision is kept only if it gives fp32's vectors (the fingerprint stays fp32's)
+        self._memo, self._counts = TokenMemo(), TokenMemo()
+        self._specials = self.tokenizer.num_special_tokens_to_add(False)
+        self._prefix, self._suffix = _special_tokens(self.tokenizer)
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
+        self._pad_left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        self.batch_tokens = batch_tokens or (DEFAULT_GPU_BATCH_TOKENS if self.device.startswith("cuda") else DEFAULT_CPU_BATCH_TOKENS)
+        self.runtime, self.precision, self.fidelity = self._choose_forward(runtime, wanted, compiled_dir)
+
+    def _choose_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> tuple[Runtime, Precision, float]:
+        """``(runtime, precision, fidelity)`` this encoder runs in: the one asked for if its vectors of the probe
+        set stay within 0.9999 of torch fp32's (the fingerprint stays fp32's), else torch fp32 (logged)."""
+        reference = TorchForward(self.model, self.device, "fp32")
+        self._forward: Callable[[np.ndarray, np.ndarray], np.ndarray] = reference
+        if runtime == "torch" and precision == "fp32":
+            return "torch", "fp32", 1.0
+        if runtime == "openvino":
+            if self.device != "cpu":
+                raise InvalidInputError(f"--runtime openvino runs on the CPU, not on {self.device}; use --runtime torch there")
+            cache = Path(compiled_dir) if compiled_dir is not None else default_compiled_dir()
+            candidate: Callable[[np.ndarray, np.ndarray], np.ndarray] = OpenVINOForward(
+                self.model, precision, cache, self.fingerprint, self.threads or available_cores()
+            )
+        else:
+            candidate = TorchForward(self.model, self.device, precision)
+        probe = self._input_ids(PROBE, "document", keep=False)
+        kept, fidelity = checked(lambda _: self._run(reference, probe), lambda _: self._run(candidate, probe), f"{runtime} {precision}", self.name)
+        if not kept:
+            return "torch", "fp32", fidelity
+        self._forward = candidate
+        return runtime, precision, fidelity
 
     def prompt(self, role: Role) -> str:
         return self._prompts[role]
 
     def encode(self, texts: Sequence[str], role: Role) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            prompt=self._prompts[role] or None,
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return self._run(self._forward, self._input_ids(texts, role, keep=False))
+
+    def _input_ids(self, texts: Sequence[str], role: Role, *, keep: bool) -> list[np.ndarray]:
+        """Model input ids (prompt and special tokens included) of each text, from the memo where window
+        planning left them; the rest tokenised in one call, cut at the model's limit as sentence-transformers
+        cuts. ``keep`` leaves them in the memo for ``encode`` (the queue reads lengths before the model runs)."""
+        found = [self._memo.get((role, t)) if keep else self._memo.take((role, t)) for t in texts]
+        missing = [i for i, ids in enumerate(found) if ids is None]
+        if missing:
+            prompt = self._prompts[role]
+            # Every call of this tokenizer passes the same settings (no padding, no truncation: a Rust tokenizer's
+            # are state shared between threads); the cut to the model's limit is done here, as the tokenizer's
+            # own truncation of one sequence would do it.
+            enc = self.tokenizer([prompt + texts[i] for i in missing], add_special_tokens=False, verbose=False)
+            room = self.max_seq_length - len(self._prefix) - len(self._suffix)
+            for i, content in zip(missing, enc["input_ids"], strict=True):
+                ids = np.asarray([*self._prefix, *content[:room], *self._suffix], dtype=np.int64)
+                found[i] = ids
+                if keep:
+                    self._memo.put((role, texts[i]), ids)
+        return [ids for ids in found if ids is not None]
+
+    def input_lengths(self, texts: Sequence[str], role: Role) -> list[int]:  # noqa: D102 (the base class says why)
+        return [len(ids) for ids in self._input_ids(texts, role, keep=True)]
+
+    def _run(self, forward: Callable[[np.ndarray, np.ndarray], np.ndarray], ids: list[np.ndarray]) -> np.ndarray:
+        """Forward passes of at most ``batch_tokens`` padded tokens (``batch_size`` inputs), longest first."""
+        out = np.zeros((len(ids), self.dim), np.float32)
+        for part in token_batches([len(x) for x in ids], self.batch_tokens, self.batch_size):
+            input_ids, mask = pad([ids[i] for i in part], self._pad_id, left=self._pad_left)
+            out[part] = forward(input_ids, mask)
+        return out
 
     def split(self, texts: Sequence[str], role: Role) -> list[list[Span]]:
+        """Windows of each text, planned on the tokens of ``prompt + text`` (as the model will read it); the
+        ids of a text that fits in one window are kept for ``encode``, and its count for ``count_tokens``."""
         if not texts:
             return []
-        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return [
-            plan_windows(text, offsets, self.window_tokens, self.window_stride)
-            for text, offsets in zip(texts, enc["offset_mapping"], strict=True)
-        ]
+        prompt = self._prompts[role]
+        enc = self.tokenizer([prompt + t for t in texts], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        out: list[list[Span]] = []
+        for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+            n_prompt = sum(1 for _, end in offsets if end <= len(prompt)) if prompt else 0
+            own = [(max(0, a - len(prompt)), b - len(prompt)) for a, b in offsets[n_prompt:]]
+            spans = plan_windows(text, own, self.window_tokens, self.window_stride)
+            self._counts.put(text, np.array(len(own) + self._specials))
+            if len(spans) == 1:
+                self._memo.put((role, text), np.asarray([*self._prefix, *ids, *self._suffix], dtype=np.int64))
+            out.append(spans)
+        return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        specials = self.tokenizer.num_special_tokens_to_add(False)
-        enc = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)
-        return [len(ids) + specials for ids in enc["input_ids"]]
+        counts = [self._counts.take(t) for t in texts]
+        missing = [t for t, c in zip(texts, counts, strict=True) if c is None]
+        if missing:
+            enc = self.tokenizer(missing, add_special_tokens=False, verbose=False)
+            computed = iter(len(ids) + self._specials for ids in enc["input_ids"])
+            return [int(c) if c is not None else next(computed) for c in counts]
+        return [int(c) for c in counts if c is not None]
 
     @property
     def spec(self) -> BaseSpec:
         return BaseSpec(
             model=canonical_model(self.source), query_prompt=self._prompts["query"], document_prompt=self._prompts["document"],
             max_seq_length=self.max_seq_length, quantization="int8" if self.backend == "int8" else None,
-            device=self.device, threads=self.threads, batch_size=self.batch_size,
+            device=self.device, precision=self.precision, runtime=self.runtime, threads=self.threads, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
             window_tokens=self.window_tokens, window_stride=self.window_stride,
         )
 
@@ -326,7 +430,20 @@ class LocalEncoder(Encoder):
             "window_tokens": self.window_tokens,
             "window_stride": self.window_stride,
             "backend": self.backend,
+            "device": self.device,
+            "precision": self.precision,
+            "precision_fidelity": self.fidelity,
         }
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer adds before and after a single text (``[CLS]``, ``[SEP]`` for BERT)."""
+    plain = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello world", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i]), list(full[i + len(plain) :])
+    raise InvalidInputError(f"cannot tell which special tokens {type(tokenizer).__name__} adds around a text")
 
 
 def _module_config(module: Any) -> dict[str, Any]:

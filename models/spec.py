@@ -31,6 +31,8 @@ from msgspec import Meta
 
 from embedlift.models.errors import InvalidInputError
 from embedlift.models.options import read_fields
+from embedlift.models.precision import Precision
+from embedlift.models.runtimes import Runtime
 
 if TYPE_CHECKING:
     from embedlift.models.encoders import Encoder
@@ -45,7 +47,7 @@ Quantization = Literal["int8"]
 
 #: Fields that decide what the vectors are (compared); the rest decide only how they are computed.
 IDENTITY_FIELDS = ("model", "query_prompt", "document_prompt", "max_seq_length", "quantization", "base_url", "dimensions", "tokenizer")
-RUN_FIELDS = ("device", "threads", "batch_size", "window_tokens", "window_stride", "max_input_tokens")
+RUN_FIELDS = ("device", "precision", "runtime", "threads", "batch_size", "batch_tokens", "window_tokens", "window_stride", "max_input_tokens")
 
 # How the fields are spelled on the command line and in the environment, where not `--<field>` / EMBEDLIFT_<FIELD>.
 FLAGS = {"model": "--base", "quantization": "--backend", "max_input_tokens": "--remote-max-input-tokens"}
@@ -67,9 +69,14 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         base_url: A remote base's OpenAI-protocol API root.
         dimensions: Shorter vectors asked of a remote base (``text-embedding-3-*``).
         tokenizer: A local Hugging Face tokenizer that cuts a remote base's windows.
-        device: torch device (``cpu``, ``cuda``, ``cuda:1``).
+        device: ``auto`` (a CUDA device when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` (bf16 on CPUs with AMX or AVX-512 BF16 and on CUDA devices that support it, fp16 on
+            other CUDA devices, else fp32), ``fp32``, ``bf16`` or ``fp16``; lossless by a check at load, so it
+            never changes the fingerprint (``models/precision.py``).
+        runtime: ``torch`` or ``openvino`` (the transformer compiled for the CPU; ``models/runtimes.py``).
         threads: torch intra-op threads (default: the cores this process may use).
-        batch_size: Texts per forward pass.
+        batch_size: Inputs per forward pass at most.
+        batch_tokens: Padded tokens per forward pass at most (default 4096 on a CPU, 32768 on a GPU).
         window_tokens: Tokens per window of a long text (default: the model's limit less prompt and specials).
         window_stride: Tokens between window starts (default: three quarters of the window).
         max_input_tokens: A remote base's per-input token limit (default 8191).
@@ -83,9 +90,12 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     base_url: str | None = None
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     tokenizer: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
+    precision: Precision = "auto"
+    runtime: Runtime = "torch"
     threads: Annotated[int, Meta(ge=1)] | None = None
     batch_size: Annotated[int, Meta(ge=1, le=65536)] = 32
+    batch_tokens: Annotated[int, Meta(ge=16, le=16_777_216)] | None = None
     window_tokens: Annotated[int, Meta(ge=8)] | None = None
     window_stride: Annotated[int, Meta(ge=1)] | None = None
     max_input_tokens: Annotated[int, Meta(ge=16)] | None = None
@@ -176,13 +186,15 @@ def mismatch(trained: BaseSpec, trained_fp: str, serving: BaseSpec, serving_fp: 
     return f"the same settings but other model weights (fingerprint {trained_fp} vs {serving_fp})"
 
 
-def load_base(spec: BaseSpec, *, api_key: str | None = None, progress: bool = False) -> Encoder:
+def load_base(spec: BaseSpec, *, api_key: str | None = None, progress: bool = False, compiled_dir: str | Path | None = None) -> Encoder:
     """The encoder ``spec`` describes.
 
     Args:
         spec: The base specification.
         api_key: A remote base's key (default ``$OPENAI_API_KEY``); never part of the spec, so never recorded.
         progress: Progress bars for a remote base's long runs.
+        compiled_dir: Where ``--runtime openvino`` keeps its converted and compiled models (the server's data
+            directory; default beside the base-embedding cache).
 
     Raises:
         InvalidInputError: A model that cannot be loaded, or settings that do not apply to it.
@@ -215,5 +227,6 @@ def load_base(spec: BaseSpec, *, api_key: str | None = None, progress: bool = Fa
     return LocalEncoder(
         model, query_prompt=spec.query_prompt, document_prompt=spec.document_prompt, max_seq_length=spec.max_seq_length,
         batch_size=spec.batch_size, window_tokens=spec.window_tokens, window_stride=spec.window_stride,
-        device=spec.device, backend=spec.quantization or "torch", threads=spec.threads,
+        device=spec.device, precision=spec.precision, runtime=spec.runtime, batch_tokens=spec.batch_tokens,
+        compiled_dir=compiled_dir, backend=spec.quantization or "torch", threads=spec.threads,
     )

@@ -136,17 +136,26 @@ def embed_pooled(
         ``(vectors (n, d) float32 normalised, n_windows (n,) int64)``.
     """
     spans = encoder.split(texts, role) if spans is None else spans
-    flat = [text[a:b] for text, text_spans in zip(texts, spans, strict=True) for a, b in text_spans]
-    counts = np.array([len(s) for s in spans], dtype=np.int64)
+    flat, counts = window_texts(texts, spans)
     if not flat:
         return np.zeros((0, encoder.dim), np.float32), counts
-    window_vectors = encoder.encode(flat, role)
-    if len(flat) == len(texts):
-        return window_vectors, counts
-    owner = np.repeat(np.arange(len(texts)), counts)
-    pooled = np.zeros((len(texts), window_vectors.shape[1]), np.float32)
+    return pool(encoder.encode(flat, role), counts), counts
+
+
+def window_texts(texts: Sequence[str], spans: Sequence[Sequence[Span]]) -> tuple[list[str], np.ndarray]:
+    """``(every window's text in order, windows per text)``."""
+    flat = [text[a:b] for text, text_spans in zip(texts, spans, strict=True) for a, b in text_spans]
+    return flat, np.array([len(s) for s in spans], dtype=np.int64)
+
+
+def pool(window_vectors: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """One vector per text from its windows' (``counts`` per text, in order): the normalised mean."""
+    if len(window_vectors) == len(counts):
+        return window_vectors
+    owner = np.repeat(np.arange(len(counts)), counts)
+    pooled = np.zeros((len(counts), window_vectors.shape[1]), np.float32)
     np.add.at(pooled, owner, window_vectors)
-    return normalize(pooled), counts
+    return normalize(pooled)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

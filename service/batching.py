@@ -1,15 +1,20 @@
 """Dynamic batching: concurrent requests share one forward pass of the base model.
 
-A request thread calls ``BatchedEncoder.encode``, which queues its inputs and waits. One worker thread owns the
-model: each time the model frees up it takes what is queued (interactive work before bulk work, then arrival
-order), up to ``max_batch_inputs`` inputs, and runs one ``encode`` per role (queries and documents carry
-different prompts). sentence-transformers sorts a call's inputs by length before padding, so coalesced
-batches waste little on padding. A request larger than the budget is served over several batches; a queue
-already holding ``max_queued_inputs`` refuses more at once (429 with Retry-After), as infinity's batch
-handler does, instead of growing a backlog that only times out later.
+A request awaits ``BatchQueue.submit``'s future on the event loop (``Engine``), a background job waits on it in
+its thread (``BatchedEncoder``). One worker thread owns the model: each time the model frees up it takes what is
+queued (interactive work before bulk work, then arrival order) up to a budget of ``max_batch_tokens`` tokens and
+``max_batch_inputs`` inputs, as TEI's ``max-batch-tokens`` budgets, and runs one ``encode`` per role (queries and
+documents carry different prompts); the encoder splits that into forward passes by its own token budget. Each
+caller's inputs are queued longest first, so the batches cut from a large bulk call are of like lengths and pad
+little. A request larger than the budget is served over several batches; a queue already holding
+``max_queued_inputs`` refuses more at once (429 with Retry-After), as infinity's batch handler does, instead of
+growing a backlog that only times out later.
 
-Why a worker thread and not the event loop: the model call releases the GIL inside torch, so request
-threads keep tokenizing, looking up the cache and encoding JSON while it runs.
+Token lengths come from ``Encoder.input_lengths`` in the caller's thread: a local base tokenises each input
+there once and keeps the ids for the worker's forward pass (``models/tokens.py``).
+
+Why a worker thread and not the event loop: the model call releases the GIL inside torch, so the loop keeps
+tokenizing, looking up the cache and encoding JSON while it runs.
 """
 
 from __future__ import annotations
@@ -36,14 +41,20 @@ INTERACTIVE, BULK = 0, 1
 
 @dataclass
 class _Work:
-    """One caller's inputs; ``done`` counts the inputs already embedded (a large one spans batches)."""
+    """One caller's inputs, handed out longest first (``order``); ``done`` counts the inputs already embedded
+    (a large call spans batches)."""
 
     texts: Sequence[str]
     role: Role
+    lengths: np.ndarray
     out: np.ndarray
     future: Future[np.ndarray]
-    taken: int = 0  # inputs handed to a batch so far
+    order: np.ndarray = field(init=False)
+    taken: int = 0  # inputs handed to a batch so far (positions in ``order``)
     done: int = 0
+
+    def __post_init__(self) -> None:
+        self.order = np.argsort(-self.lengths, kind="stable")
 
 
 @dataclass
@@ -69,15 +80,21 @@ class BatchQueue:
 
     Args:
         encoder: The base model (its ``encode`` is only ever called from the worker thread).
-        max_batch_inputs: Inputs per model call at most (the budget a batch is filled up to).
+        max_batch_inputs: Inputs per model call at most.
+        max_batch_tokens: Tokens per model call at most (the budget a batch is filled up to; an input longer
+            than it goes alone). Default: the encoder's own forward-pass budget (a local base's ``batch_tokens``).
         max_queued_inputs: Inputs waiting at most; more are refused with ``OverloadedError`` (429).
     """
 
-    def __init__(self, encoder: Encoder, *, max_batch_inputs: int = 64, max_queued_inputs: int = 4096) -> None:
+    def __init__(
+        self, encoder: Encoder, *, max_batch_inputs: int = 64, max_batch_tokens: int | None = None, max_queued_inputs: int = 4096
+    ) -> None:
         if max_batch_inputs < 1 or max_queued_inputs < max_batch_inputs:
             raise ValueError(f"need 1 <= max_batch_inputs <= max_queued_inputs, got {max_batch_inputs}, {max_queued_inputs}")
         self.encoder = encoder
         self.max_batch_inputs = max_batch_inputs
+        # a remote or hashing base has no forward-pass budget of its own: inputs alone bound its batches
+        self.max_batch_tokens = max_batch_tokens or int(getattr(encoder, "batch_tokens", None) or 1 << 30)
         self.max_queued_inputs = max_queued_inputs
         self.stats = BatchStats()
         self._heap: list[tuple[int, int, _Work]] = []
@@ -98,6 +115,7 @@ class BatchQueue:
         if not texts:
             future.set_result(np.zeros((0, self.encoder.dim), np.float32))
             return future
+        lengths = np.asarray(self.encoder.input_lengths(texts, role), dtype=np.int64)  # tokenised here, once
         with self._cond:
             if self._closed:
                 raise UnavailableError("the service is shutting down")
@@ -109,7 +127,7 @@ class BatchQueue:
                 raise OverloadedError(
                     f"{self._queued} inputs already queued for the model (maximum {self.max_queued_inputs}); retry shortly"
                 )
-            work = _Work(texts=texts, role=role, out=np.empty((len(texts), self.encoder.dim), np.float32), future=future)
+            work = _Work(texts=texts, role=role, lengths=lengths, out=np.empty((len(texts), self.encoder.dim), np.float32), future=future)
             heapq.heappush(self._heap, (priority, next(self._order), work))
             self._queued += len(texts)
             self._cond.notify_all()
@@ -129,18 +147,34 @@ class BatchQueue:
 
     # ---------------------------------------------------------------------------------------- worker
     def _take(self) -> list[tuple[_Work, int, int]]:
-        """Slices ``(work, start, stop)`` of queued work for one batch, in priority then arrival order."""
+        """Slices ``(work, start, stop)`` (positions in each work's ``order``) for one batch, in priority then
+        arrival order, within the token and input budgets (at least one input)."""
         batch: list[tuple[_Work, int, int]] = []
-        room = self.max_batch_inputs
-        while self._heap and room > 0:
+        inputs = tokens = 0
+        while self._heap and inputs < self.max_batch_inputs:
             _, _, work = self._heap[0]
-            n = min(room, len(work.texts) - work.taken)
-            batch.append((work, work.taken, work.taken + n))
-            work.taken += n
-            room -= n
+            if work.future.cancelled():  # the caller went away (a request cancelled on disconnect)
+                heapq.heappop(self._heap)
+                self._queued -= len(work.texts) - work.taken
+                work.taken = len(work.texts)
+                continue
+            start = stop = work.taken
+            while stop < len(work.texts) and inputs < self.max_batch_inputs:
+                cost = int(work.lengths[work.order[stop]])
+                if inputs and tokens + cost > self.max_batch_tokens:
+                    break
+                tokens += cost
+                inputs += 1
+                stop += 1
+            if stop == start:
+                break  # the budget is full
+            batch.append((work, start, stop))
+            work.taken = stop
             if work.taken == len(work.texts):
                 heapq.heappop(self._heap)
-        self._queued -= self.max_batch_inputs - room
+            if tokens >= self.max_batch_tokens:
+                break
+        self._queued -= inputs
         self._cond.notify_all()  # bulk submitters waiting for room
         return batch
 
@@ -158,7 +192,7 @@ class BatchQueue:
                     self._encode(role, part)
 
     def _encode(self, role: Role, part: list[tuple[_Work, int, int]]) -> None:
-        texts = [t for w, a, b in part for t in w.texts[a:b]]
+        texts = [w.texts[i] for w, a, b in part for i in w.order[a:b]]
         started = time.perf_counter()
         try:
             vectors = self.encoder.encode(texts, role)
@@ -172,7 +206,7 @@ class BatchQueue:
         metrics.BATCH_INPUTS.observe(len(texts))
         offset = 0
         for work, a, b in part:
-            work.out[a:b] = vectors[offset : offset + b - a]
+            work.out[work.order[a:b]] = vectors[offset : offset + b - a]
             offset += b - a
             work.done += b - a
             if work.done == len(work.texts) and not work.future.done():

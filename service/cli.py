@@ -70,9 +70,14 @@ def add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-length", help="override the model's token limit")
     g.add_argument("--backend", dest="quantization", choices=["torch", "int8"],
                    help="torch: float32 (default); int8: dynamic int8 quantization, faster on CPU, vectors differ a little")
-    g.add_argument("--device", help="torch device: cpu (default), cuda, cuda:N")
+    g.add_argument("--device", help="auto (default: a CUDA device when torch sees one, else the CPU), cpu, cuda, cuda:N")
+    g.add_argument("--precision", help="auto (default: bf16 on CPUs with AMX/AVX-512 BF16 and on CUDA, fp16 on older CUDA, else fp32), "
+                   "fp32, bf16, fp16; checked against fp32 at load (cosine >= 0.9999) or it falls back to fp32")
     g.add_argument("--threads", help="torch threads (default: the cores this process may use)")
-    g.add_argument("--batch-size", help="texts per forward pass (default 32)")
+    g.add_argument("--runtime", help="torch (default) or openvino (pip install 'embedlift[openvino]'; the transformer compiled "
+                   "for the CPU, checked against torch fp32 at load)")
+    g.add_argument("--batch-size", help="inputs per forward pass at most (default 32)")
+    g.add_argument("--batch-tokens", help="padded tokens per forward pass at most (default 4096 on a CPU, 32768 on a GPU)")
     g.add_argument("--window-tokens", help="tokens per window of a long text (default: the model's limit)")
     g.add_argument("--window-stride", help="tokens between window starts (default: 3/4 of the window)")
     r = p.add_argument_group("remote base (--base openai:<model>)")

@@ -31,7 +31,7 @@ from embedlift.models.errors import InvalidInputError, NotFoundError, Overloaded
 from embedlift.models.fusion import DEFAULT_ALPHA, Fusion, LearnedFusion, Mode
 from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec, load_base
-from embedlift.models.windows import embed_documents, embed_pooled
+from embedlift.models.windows import Span, embed_documents, embed_pooled, pool, window_texts
 from embedlift.service import limits, metrics
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
 from embedlift.service.collections import Collection, CollectionManager, Filter, check_name, reindex, valid_name
@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BASE", "EmbedResult", "Engine", "LoadedAdapter"]
 T = TypeVar("T")
+#: Characters of input a request tokenises on the event loop itself (a few questions: tens of microseconds);
+#: a larger request is tokenised on a worker thread.
+INLINE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class Engine:
         """Load the base, open the caches, registry and collections under ``data_dir``."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         state = RegistryFile(settings.data_dir / "registry.json")
-        base = load_base(served_spec(settings, state), api_key=settings.openai_api_key)
+        base = load_base(served_spec(settings, state), api_key=settings.openai_api_key, compiled_dir=settings.data_dir / "openvino")
         bulk_cache = EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
         if base.needs_dim and (known := bulk_cache.dim_of(base.fingerprint)):
             base.set_dim(known)  # a remote base's dimension without a probe call
@@ -248,33 +251,50 @@ class Engine:
         """
         limits.check_texts(texts, self.settings)
         chosen = self.resolve(adapter)
-        return await self._offload(self._embed, texts, role, chosen, normalize, truncate, return_windows, model=True)
+        with self.admission:
+            transform = self._transform(chosen, role, normalize)
+            spans = await self._plan(texts, role)
+            flat, counts = window_texts(texts, spans)
+            per_window: np.ndarray | None = None
+            if truncate:
+                vectors = await self._base_vectors([t[s[0][0] : s[0][1]] for t, s in zip(texts, spans, strict=True)], role)
+                windows = [1] * len(texts)
+            else:
+                per_window = await self._base_vectors(flat, role)
+                vectors, windows = pool(per_window, counts), counts.tolist()
+            window_vectors = None
+            if return_windows:
+                every = transform(per_window if per_window is not None else await self._base_vectors(flat, role))
+                bounds = np.cumsum([0, *counts.tolist()])
+                window_vectors = [(spans[i], every[bounds[i] : bounds[i + 1]]) for i in range(len(texts))]
+            metrics.EMBED_INPUTS.observe(len(texts))
+            return EmbedResult(
+                vectors=transform(vectors),
+                adapter=chosen.label if chosen else BASE,
+                windows=windows,
+                tokens=sum(self.encoder.count_tokens(texts)),
+                window_vectors=window_vectors,
+            )
 
-    def _embed(
-        self, texts: Sequence[str], role: Role, chosen: LoadedAdapter | None, normalize: bool, truncate: bool, return_windows: bool
-    ) -> EmbedResult:
-        transform = self._transform(chosen, role, normalize)
-        spans = self.encoder.split(texts, role)
-        window_vectors = None
-        if truncate:
-            vectors = self.encoder.encode([t[s[0][0] : s[0][1]] for t, s in zip(texts, spans, strict=True)], role)
-            windows = [1] * len(texts)
-        else:
-            vectors, counts = embed_pooled(self.encoder, texts, role, spans=spans)
-            windows = counts.tolist()
-        if return_windows:
-            flat = [t[a:b] for t, s in zip(texts, spans, strict=True) for a, b in s]
-            per_window = transform(self.encoder.encode(flat, role))
-            bounds = np.cumsum([0, *(len(s) for s in spans)])
-            window_vectors = [(spans[i], per_window[bounds[i] : bounds[i + 1]]) for i in range(len(texts))]
-        metrics.EMBED_INPUTS.observe(len(texts))
-        return EmbedResult(
-            vectors=transform(vectors),
-            adapter=chosen.label if chosen else BASE,
-            windows=windows,
-            tokens=sum(self.encoder.count_tokens(texts)),
-            window_vectors=window_vectors,
-        )
+    async def _plan(self, texts: Sequence[str], role: Role) -> list[list[Span]]:
+        """Each input's windows (tokenising it, once): on the event loop for a request of a few questions, on a
+        worker thread for a large one, so the loop never waits on the tokenizer for long."""
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            return self.encoder.split(texts, role)
+        return await asyncio.to_thread(self.encoder.split, texts, role)
+
+    async def _base_vectors(self, texts: Sequence[str], role: Role) -> np.ndarray:
+        """Base vectors of model inputs for a request: the memory cache's at once, the rest awaited from the batch
+        queue on the event loop, so no thread is held while the model runs (429 where the queue is full)."""
+        lookup = self.encoder.lookup(texts, role)
+        if lookup.missing:
+            todo = lookup.missing_texts
+            if sum(map(len, todo)) <= INLINE_CHARS:
+                future = self.batcher.submit(todo, role, INTERACTIVE)
+            else:  # submitting tokenises what window planning left to do
+                future = await asyncio.to_thread(self.batcher.submit, todo, role, INTERACTIVE)
+            self.encoder.fill(lookup, lookup.missing, await asyncio.wrap_future(future))
+        return lookup.stacked(self.base.dim)
 
     @staticmethod
     def _transform(chosen: LoadedAdapter | None, role: Role, normalize: bool) -> Callable[[np.ndarray], np.ndarray]:
@@ -394,19 +414,18 @@ class Engine:
             k=k, offset=offset, mode=mode or ("hybrid" if collection.lexical_status == "ready" else "dense"), fusion=fusion,
             alpha=alpha if alpha is not None else self.fusion_for(collection, chosen).alpha, threshold=threshold, where=where,
         )
-        label, found = await self._offload(self._search, collection, texts, plan, chosen, model=True)
+        label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
+        with self.admission:
+            vectors = await self._query_vectors(texts, chosen) if collection.dense_needed(texts, plan.mode) else None
+            found = await asyncio.to_thread(collection.search, vectors, texts, plan, label, view_adapter)
         results = [SearchResult(hits=f.hits, mode_used=f.mode_used, note=f.note) for f in found]
         if single:
             return SearchResponse(adapter=label, hits=results[0].hits, mode_used=results[0].mode_used, note=results[0].note)
         return SearchResponse(adapter=label, results=results)
 
-    def _search(self, collection: Collection, queries: Sequence[str], plan: SearchPlan, chosen: LoadedAdapter | None) -> tuple[str, list[Found]]:
-        label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
-        vectors = self._query_vectors(queries, chosen) if collection.dense_needed(queries, plan.mode) else None
-        return label, collection.search(vectors, queries, plan, label, view_adapter)
-
-    def _query_vectors(self, queries: Sequence[str], chosen: LoadedAdapter | None) -> np.ndarray:
-        vectors, _ = embed_pooled(self.encoder, queries, "query")
+    async def _query_vectors(self, queries: Sequence[str], chosen: LoadedAdapter | None) -> np.ndarray:
+        flat, counts = window_texts(queries, await self._plan(queries, "query"))
+        vectors = pool(await self._base_vectors(flat, "query"), counts)
         return chosen.checkpoint.adapter.transform_query(vectors) if chosen is not None else vectors
 
     def fusion_for(self, collection: Collection, chosen: LoadedAdapter | None) -> FusionInfo:

@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests that compare vectors exactly (batch == single, the server's == the library's) pin fp32: bf16 results
+# depend on padding. Subprocess servers and CLI runs inherit this; tests/test_precision.py tests the others.
+os.environ.setdefault("EMBEDLIFT_PRECISION", "fp32")
 
 REPO = Path(__file__).resolve().parents[1]
 LYFT = Path(os.environ.get("EMBEDLIFT_LYFT_DATA", REPO.parent / "shared" / "data" / "lyft_2021_10k" / "train_dataset.json"))
@@ -21,10 +24,10 @@ LYFT = Path(os.environ.get("EMBEDLIFT_LYFT_DATA", REPO.parent / "shared" / "data
 
 @pytest.fixture(scope="session")
 def minilm():
-    """The packaged all-MiniLM-L6-v2 as a LocalEncoder (no cache)."""
+    """The packaged all-MiniLM-L6-v2 as a LocalEncoder (no cache), in fp32."""
     from embedlift.models.encoders import LocalEncoder
 
-    return LocalEncoder()
+    return LocalEncoder(precision="fp32")
 
 
 @pytest.fixture(scope="session")

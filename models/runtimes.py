@@ -1,0 +1,118 @@
+"""How a local base's forward pass runs: token ids in, L2-normalised float32 sentence vectors out.
+
+- ``TorchForward``: the sentence-transformers modules in torch, in fp32 or under ``torch.autocast`` (bf16,
+  fp16). In fp32 it is the reference every other runtime and precision is checked against.
+- ``OpenVINOForward``: the model's transformer (the first module) converted once with ``openvino.convert_model``
+  (no optimum, no ONNX export) and compiled for the CPU in the chosen precision; its token embeddings go through
+  the model's own pooling and normalisation modules in torch, exactly as the torch runtime's do. Dynamic batch
+  and sequence shapes. The converted model is kept under ``cache_dir/<fingerprint>/`` and OpenVINO's compiled
+  blobs under ``cache_dir/compiled/``, so a second start neither converts nor compiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from embedlift.models.errors import InvalidInputError
+from embedlift.models.precision import autocast
+
+logger = logging.getLogger(__name__)
+
+Runtime = Literal["torch", "openvino"]
+RUNTIMES: tuple[Runtime, ...] = ("torch", "openvino")
+
+
+def _features(model: Any, input_ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """The inputs the model's tokenizer would give it (``token_type_ids`` zeros where the model takes them)."""
+    import torch
+
+    features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if "token_type_ids" in getattr(model.tokenizer, "model_input_names", ()):
+        features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+    return features
+
+
+def _normalized(vectors: Any) -> np.ndarray:
+    import torch
+
+    return np.ascontiguousarray(torch.nn.functional.normalize(vectors.float(), p=2, dim=1).cpu().numpy(), dtype=np.float32)
+
+
+class TorchForward:
+    """The whole sentence-transformers model in torch on ``device``, in ``precision``."""
+
+    def __init__(self, model: Any, device: str, precision: str) -> None:
+        self.model, self.device, self.precision = model, device, precision
+
+    def __call__(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        features = {k: v.to(self.device) for k, v in _features(self.model, input_ids, mask).items()}
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            out = self.model(features)["sentence_embedding"]
+        return _normalized(out)
+
+
+class OpenVINOForward:
+    """The model's transformer compiled by OpenVINO for the CPU; pooling and normalisation as the model's own.
+
+    Args:
+        model: The loaded ``SentenceTransformer`` (its first module must be a Hugging Face transformer).
+        precision: ``fp32`` or ``bf16`` (OpenVINO's ``INFERENCE_PRECISION_HINT``).
+        cache_dir: Where the converted and compiled models are kept.
+        key: The converted model's folder name (the base's fingerprint: same weights, same model).
+        threads: Inference threads (``INFERENCE_NUM_THREADS``).
+    """
+
+    def __init__(self, model: Any, precision: str, cache_dir: Path, key: str, threads: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise InvalidInputError("--runtime openvino needs the openvino package: pip install 'embedlift[openvino]'") from exc
+        import torch
+
+        if precision not in ("fp32", "bf16"):
+            raise InvalidInputError(f"--runtime openvino runs fp32 or bf16 on the CPU, not {precision}")
+        modules = list(model)
+        transformer = getattr(modules[0], "auto_model", None)
+        if transformer is None:
+            raise InvalidInputError(f"--runtime openvino: the model's first module ({type(modules[0]).__name__}) is not a transformer")
+        self.model, self._rest, self.precision = model, modules[1:], precision
+        xml = cache_dir / key.replace(":", "-") / "model.xml"
+        started = time.perf_counter()
+        if not xml.exists():
+            example = _features(model, np.ones((2, 8), np.int64), np.ones((2, 8), np.int64))
+            with torch.inference_mode():
+                converted = ov.convert_model(transformer, example_input=example)
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            tmp = xml.with_name("partial.xml")
+            ov.save_model(converted, tmp, compress_to_fp16=False)  # the weights as they are (fp32)
+            tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+            tmp.replace(xml)  # the .xml last: present means complete
+            logger.info("converted %s for OpenVINO in %.1f s (%s)", key, time.perf_counter() - started, xml.parent)
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
+        self._inputs = {i.get_any_name() for i in core.read_model(xml).inputs}
+        self._compiled = core.compile_model(
+            str(xml), "CPU",
+            {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
+        )
+        self._request = self._compiled.create_infer_request()
+        logger.info("OpenVINO %s ready in %.1f s", precision, time.perf_counter() - started)
+
+    def __call__(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        features = _features(self.model, input_ids, mask)
+        # One request, reused: the batch worker is the only caller once the base has loaded.
+        result = self._request.infer({k: v.numpy() for k, v in features.items() if k in self._inputs})
+        out: dict[str, Any] = {"token_embeddings": torch.from_numpy(np.asarray(result[0])), "attention_mask": features["attention_mask"]}
+        with torch.inference_mode():
+            for module in self._rest:
+                out = module(out)
+        return _normalized(out["sentence_embedding"])

@@ -1,0 +1,68 @@
+"""Precision and device: ``auto`` picks bf16 where the CPU runs it natively and keeps it only when it gives
+fp32's vectors (cosine >= 0.9999 on a fixed probe set), so the fingerprint stays fp32's; a precision below the
+bound falls back to fp32 and says so with both numbers; a CUDA device that is not there is a clear error. A GPU
+test runs where torch sees CUDA."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from embedlift.models import precision
+from embedlift.models.encoders import LocalEncoder
+from embedlift.models.errors import InvalidInputError
+from embedlift.models.precision import MIN_COSINE, PROBE, cpu_has_fast_bf16, min_cosine, resolve_precision
+from tests.helpers import run_cli
+
+QUESTIONS = ["How many riders did Lyft have?", "What are the risk factors?", "Who bought the self-driving unit?"]
+
+
+@pytest.fixture(scope="module")
+def auto():
+    return LocalEncoder(precision="auto", device="auto")
+
+
+def test_auto_is_bf16_on_a_cpu_that_runs_it_and_keeps_fp32s_fingerprint(auto, minilm):
+    assert auto.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    if auto.device == "cpu":
+        assert auto.precision == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert auto.fingerprint == minilm.fingerprint  # lossless: caches, collections and adapters stay shared
+    assert auto.fidelity >= MIN_COSINE
+    assert auto.spec.precision == auto.precision and auto.describe()["precision_fidelity"] == auto.fidelity
+    texts = [*QUESTIONS, PROBE[-2]]
+    assert min_cosine(minilm.encode(texts, "query"), auto.encode(texts, "query")) >= MIN_COSINE
+
+
+def test_a_precision_below_the_bound_falls_back_to_fp32_and_logs_both_numbers(monkeypatch, caplog, minilm):
+    if not cpu_has_fast_bf16() and not torch.cuda.is_available():
+        pytest.skip("no bf16 here to fall back from")
+    monkeypatch.setattr(precision, "MIN_COSINE", 1.0 + 1e-9)  # no precision but fp32 can meet this
+    with caplog.at_level(logging.WARNING):
+        strict = LocalEncoder(precision="bf16", device="cpu")
+    assert strict.precision == "fp32" and strict.fidelity < 1.0 + 1e-9
+    assert "minimum cosine to torch fp32 on the probe set" in caplog.text and "running in torch fp32" in caplog.text
+    np.testing.assert_allclose(strict.encode(QUESTIONS, "query"), minilm.encode(QUESTIONS, "query"), atol=1e-6)
+
+
+def test_devices_and_precisions_that_cannot_run_are_refused(lyft_slice):
+    with pytest.raises(InvalidInputError, match="fp16 runs on CUDA devices only"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(InvalidInputError, match="precision must be one of"):
+        resolve_precision("fp8", "cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidInputError, match="sees no CUDA device; use --device cpu or auto"):
+        LocalEncoder(device="cuda")
+    ran = run_cli("eval", str(lyft_slice), "--device", "cuda:1")
+    assert ran.returncode == 2 and "sees no CUDA device" in ran.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_a_gpu_the_vectors_are_the_cpus_within_the_bound(minilm):
+    gpu = LocalEncoder(device="cuda", precision="auto")
+    assert gpu.precision in ("bf16", "fp16") and gpu.fingerprint == minilm.fingerprint
+    texts = [*QUESTIONS, *PROBE]
+    assert min_cosine(minilm.encode(texts, "document"), gpu.encode(texts, "document")) >= MIN_COSINE
