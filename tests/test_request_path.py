@@ -1,0 +1,137 @@
+"""The request path on the real model: each input tokenised once, its ids handed to the model, forward passes
+and queue batches sized by tokens, requests awaiting the queue on the event loop; and the OpenVINO runtime
+checked against torch fp32 (converted once, compiled from its cache on a second start)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from embedlift.models import precision
+from embedlift.models.encoders import LocalEncoder, default_model_path
+from embedlift.models.precision import MIN_COSINE, min_cosine
+from embedlift.models.tokens import pad, token_batches
+from embedlift.service.batching import BULK, INTERACTIVE, BatchQueue
+
+QUESTIONS = ["How many riders did Lyft have?", "What are the risk factors?", "Who bought the self-driving unit?"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return SentenceTransformer(str(default_model_path()), device="cpu")
+
+
+class CountingTokenizer:
+    """The encoder's tokenizer, counting the texts it is handed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.texts = inner, 0
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+        self.texts += len(texts)
+        return self.inner(texts, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_token_batches_fill_a_budget_of_padded_tokens():
+    passes = token_batches([10, 250, 12, 250, 11, 9], max_tokens=512, max_inputs=64)
+    assert [p.tolist() for p in passes] == [[1, 3], [2, 4, 0, 5]]  # longest first; 2 x 250 <= 512 < 3 x 250
+    assert [p.tolist() for p in token_batches([5] * 10, max_tokens=1000, max_inputs=4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [p.tolist() for p in token_batches([900, 3], max_tokens=512, max_inputs=8)] == [[0], [1]]  # too long: alone
+    ids, mask = pad([np.array([1, 2, 3]), np.array([4])], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    left, left_mask = pad([np.array([1, 2, 3]), np.array([4])], pad_id=0, left=True)
+    assert left.tolist() == [[1, 2, 3], [0, 0, 4]] and left_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_an_input_is_tokenised_once_and_gets_sentence_transformers_vectors(minilm, reference, lyft):
+    encoder = LocalEncoder(precision="fp32", query_prompt="query: ", batch_tokens=1024)
+    counting = encoder.tokenizer = CountingTokenizer(encoder.tokenizer)
+    models_own = CountingTokenizer(None)  # sentence-transformers' own tokenising (encode -> preprocess) never runs
+
+    def preprocess(*args: Any, **kwargs: Any) -> Any:
+        models_own.texts += 1
+        raise AssertionError("the model tokenised an input itself")
+
+    encoder.model.preprocess = preprocess
+    questions = list(lyft["queries"].values())[:40]
+    spans = encoder.split(questions, "query")  # plans windows (one each) and keeps the ids
+    assert all(len(s) == 1 for s in spans) and counting.texts == len(questions)
+    lengths = encoder.input_lengths(questions, "query")  # what the queue budgets with
+    counts = encoder.count_tokens(questions)  # what usage reports
+    vectors = encoder.encode(questions, "query")
+    assert counting.texts == len(questions) and models_own.texts == 0, "tokenised again after planning"
+    expected = reference.encode(questions, prompt="query: ", normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert lengths == [len(x) for x in reference.tokenizer([f"query: {q}" for q in questions])["input_ids"]]
+    assert counts == [len(x) for x in reference.tokenizer(questions)["input_ids"]]
+    # a passage past the window: each window is tokenised when it reaches the model, and equals ST's own
+    passage = max(lyft["corpus"].values(), key=len)
+    windows = encoder.split([passage], "document")[0]
+    assert len(windows) > 1
+    texts = [passage[a:b] for a, b in windows]
+    np.testing.assert_allclose(encoder.encode(texts, "document"), reference.encode(texts, normalize_embeddings=True), atol=1e-5)
+    assert len(encoder._memo) == 0 and len(encoder._counts) <= 1  # nothing kept once used (the long one's count unread)
+
+
+def test_the_queue_budgets_tokens_and_requests_await_it_on_the_event_loop(minilm, lyft):
+    passages = list(lyft["corpus"].values())[:24]
+    windows = [p[a:b] for p in passages for a, b in minilm.split([p], "document")[0]]
+    queue = BatchQueue(minilm, max_batch_inputs=256, max_batch_tokens=2048)
+    try:
+        vectors = queue.submit(windows, "document", BULK).result(120)
+        np.testing.assert_allclose(vectors, minilm.encode(windows, "document"), atol=1e-5)
+        lengths = minilm.input_lengths(windows, "document")
+        assert queue.stats.batches >= sum(lengths) // 2048 and max(queue.stats.sizes) < len(windows)
+
+        async def many() -> list[np.ndarray]:
+            # 16 requests awaiting at once from one thread: they coalesce into fewer model calls
+            return await asyncio.gather(*(asyncio.wrap_future(queue.submit([q], "query", INTERACTIVE)) for q in QUESTIONS * 5))
+
+        before = queue.stats.batches
+        got = asyncio.run(many())
+        alone = minilm.encode(QUESTIONS, "query")
+        for i, v in enumerate(got):
+            np.testing.assert_allclose(v[0], alone[i % 3], atol=1e-5)
+        assert queue.stats.batches - before < len(got)
+    finally:
+        queue.close()
+
+
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the openvino extra is not installed")
+
+
+@needs_openvino
+def test_openvino_runs_within_the_bound_and_starts_from_its_cache(tmp_path, minilm, lyft, caplog):
+    texts = [*QUESTIONS, *list(lyft["corpus"].values())[:6]]
+    with caplog.at_level(logging.INFO):
+        first = LocalEncoder(runtime="openvino", precision="fp32", compiled_dir=tmp_path)
+    assert "converted" in caplog.text and first.runtime == "openvino" and first.fingerprint == minilm.fingerprint
+    xml = next(tmp_path.glob("*/model.xml"))
+    stamp = xml.stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = LocalEncoder(runtime="openvino", precision="bf16", compiled_dir=tmp_path)
+    assert "converted" not in caplog.text and xml.stat().st_mtime_ns == stamp  # read back, not converted again
+    assert any((tmp_path / "compiled").iterdir())  # OpenVINO's compiled blobs
+    for encoder in (first, again):
+        windows = [t[a:b] for t in texts for a, b in encoder.split([t], "document")[0]]
+        assert min_cosine(minilm.encode(windows, "document"), encoder.encode(windows, "document")) >= MIN_COSINE
+    assert again.precision == "bf16" and again.spec.runtime == "openvino" and again.describe()["precision_fidelity"] >= MIN_COSINE
+
+
+@needs_openvino
+def test_openvino_below_the_bound_falls_back_to_torch_fp32(tmp_path, monkeypatch, caplog, minilm):
+    monkeypatch.setattr(precision, "MIN_COSINE", 1.0 + 1e-9)
+    with caplog.at_level(logging.WARNING):
+        encoder = LocalEncoder(runtime="openvino", precision="bf16", compiled_dir=tmp_path)
+    assert (encoder.runtime, encoder.precision) == ("torch", "fp32") and "running in torch fp32" in caplog.text
+    np.testing.assert_allclose(encoder.encode(QUESTIONS, "query"), minilm.encode(QUESTIONS, "query"), atol=1e-6)
