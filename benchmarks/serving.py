@@ -3,8 +3,9 @@
 What it measures (the packaged all-MiniLM-L6-v2 on this machine's CPU; queries are the Lyft questions cut to
 their first 12 words, passages the Lyft chunks):
 
-1. The ceiling: in-process ``SentenceTransformer.encode`` at each batch size (the best one is the reference),
-   and a single query's encode latency.
+1. The ceiling: in-process ``SentenceTransformer.encode`` in float32 at each batch size (the best one is the
+   reference), and a single query's encode latency. 1b: in-process ``LocalEncoder.encode`` per runtime x
+   precision (torch fp32/bf16, OpenVINO fp32/bf16): queries/s, passages/s, minimum cosine to torch fp32.
 2. ``embedlift serve`` over HTTP under ``wrk`` (C, one thread, keep-alive connections = concurrent clients):
    one query per request at 1, 8, 32 and 64 clients, 64 queries per request, and passages. The server runs
    with its request cache off, so every input runs the model.
@@ -22,7 +23,7 @@ Ratios are against references measured in the same run, so a slower or busier ma
 together. The load generator shares the two cores with the server, as the targets assume.
 
 Usage: ``python benchmarks/serving.py [--duration S] [--infinity PATH] [--sizes 10000,100000,1000000]
-[--hybrid-sizes 10000,100000] [--skip http,infinity,engine,faiss,hybrid]``
+[--hybrid-sizes 10000,100000] [--skip runtimes,http,infinity,engine,faiss,hybrid]``
 """
 
 from __future__ import annotations
@@ -94,6 +95,49 @@ def ceiling(queries: list[str], passages: list[str]) -> dict:
         "single_p50": percentile(single, 50), "single_p99": percentile(single, 99),
         "passage_rates": passage_rates, "passage_best": max(passage_rates.values()),
     }
+
+
+# ------------------------------------------------------------------------------- 1b. runtime x precision
+RUNTIME_ROWS = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"))
+
+
+def runtimes(queries: list[str], passages: list[str], tmp: Path) -> list[dict]:
+    """In-process ``LocalEncoder.encode`` per runtime x precision (tokenising included, default token budget):
+    256 queries, 64 full-window passage windows, and the minimum cosine of both to torch fp32's vectors."""
+    import importlib.util
+
+    from embedlift.models.encoders import LocalEncoder
+    from embedlift.models.precision import min_cosine
+
+    qs = queries[:256]
+    rows, reference = [], None
+    for runtime, precision in RUNTIME_ROWS:
+        if runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+            print("  openvino: skipped (not installed: pip install 'embedlift[openvino]')", flush=True)
+            continue
+        started = time.perf_counter()
+        encoder = LocalEncoder(runtime=runtime, precision=precision, compiled_dir=tmp / "openvino")
+        load_s = time.perf_counter() - started
+        windows = [p[a:b] for p in passages for a, b in encoder.split([p], "document")[0]][:64]
+        encoder.encode(qs[:64], "query")
+        best_q = best_p = 0.0
+        for _ in range(2):  # the better of two rounds: the machine is shared
+            t = time.perf_counter()
+            qv = encoder.encode(qs, "query")
+            best_q = max(best_q, len(qs) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            pv = encoder.encode(windows, "document")
+            best_p = max(best_p, len(windows) / (time.perf_counter() - t))
+        if reference is None:
+            reference = (qv, pv)
+        row = {"runtime": runtime, "precision": encoder.precision, "asked": precision, "queries_per_s": best_q, "passages_per_s": best_p,
+               "min_cos_queries": min_cosine(reference[0], qv), "min_cos_passages": min_cosine(reference[1], pv),
+               "probe_fidelity": encoder.fidelity, "load_s": load_s}
+        rows.append(row)
+        print(f"  {runtime} {precision}: {best_q:.1f} q/s, {best_p:.1f} passages/s, min cos {row['min_cos_queries']:.6f} / "
+              f"{row['min_cos_passages']:.6f}, load {load_s:.1f} s", flush=True)
+        del encoder
+    return rows
 
 
 # ------------------------------------------------------------------------------------ 2-3. HTTP load
@@ -348,7 +392,7 @@ def variants(passages: list[str], anchors: list[tuple[list, np.ndarray]], n: int
     for i in range(n):
         c = i % len(passages)
         words = passages[c].split()
-        for j in rng.choice(len(words), size=3, replace=False):
+        for j in rng.choice(len(words), size=min(3, len(words)), replace=False):
             words[j] = f"{words[j]}{i % 97}"
         text = " ".join(words)
         spans, vectors = anchors[c]
@@ -426,9 +470,18 @@ def hybrid_search(sizes: list[int], queries: list[str], passages: list[str], tmp
 
 
 # ------------------------------------------------------------------------------------------- report
-def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float], hybrid: dict | None = None) -> str:
+def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float], hybrid: dict | None = None,
+           runtime_rows: list[dict] | None = None) -> str:
     best = c["best"]
     lines = ["## Serving benchmark (`make bench-serving`)", ""]
+    if runtime_rows:
+        lines += ["| runtime | precision | queries/s | vs ceiling | passages/s | vs ceiling | min cos queries | min cos passages | load s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in runtime_rows:
+            lines.append(f"| {r['runtime']} | {r['precision']} | {r['queries_per_s']:.1f} | {r['queries_per_s'] / best:.2f}x | "
+                         f"{r['passages_per_s']:.1f} | {r['passages_per_s'] / c['passage_best']:.2f}x | {r['min_cos_queries']:.6f} | "
+                         f"{r['min_cos_passages']:.6f} | {r['load_s']:.1f} |")
+        lines.append("")
     lines.append(f"In-process `SentenceTransformer.encode` ceiling, 12-word queries: best {best:.1f} queries/s at batch "
                  f"size {c['best_bs']} (" + ", ".join(f"bs {k}: {v:.0f}" for k, v in c["query_rates"].items()) + "); "
                  f"one query alone: p50 {c['single_p50']:.1f} ms, p99 {c['single_p99']:.1f} ms. Passages: best "
@@ -467,7 +520,7 @@ def main() -> int:
     p.add_argument("--infinity", default=os.environ.get("INFINITY"), help="infinity_emb script of its own venv (skipped when absent)")
     p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes for the FAISS rows")
     p.add_argument("--hybrid-sizes", default="10000,100000", help="collection sizes (documents) for the hybrid rows")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: http,infinity,engine,faiss,hybrid")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: runtimes,http,infinity,engine,faiss,hybrid")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if shutil.which("wrk") is None and "http" not in skip:
@@ -479,6 +532,10 @@ def main() -> int:
     print("1. in-process ceiling", flush=True)
     c = ceiling(queries, passages)
     print(f"  best {c['best']:.1f} q/s at bs {c['best_bs']}; single p50 {c['single_p50']:.1f} ms; passages {c['passage_best']:.1f}/s", flush=True)
+    runtime_rows: list[dict] = []
+    if "runtimes" not in skip:
+        print("1b. runtime x precision, in process", flush=True)
+        runtime_rows = runtimes(queries, passages, tmp)
     http: list[dict] = []
     ready: dict[str, float] = {}
     if "http" not in skip:
@@ -513,7 +570,8 @@ def main() -> int:
     if "hybrid" not in skip:
         print("6. hybrid search and upserts", flush=True)
         hybrid = hybrid_search([int(s) for s in args.hybrid_sizes.split(",")], queries, passages, tmp)
-    text = report(c, http, engine, search, ready, hybrid) if engine else json.dumps({"ceiling": c, "http": http, "search": search, "hybrid": hybrid}, default=float)
+    text = (report(c, http, engine, search, ready, hybrid, runtime_rows) if engine
+            else json.dumps({"ceiling": c, "runtimes": runtime_rows, "http": http, "search": search, "hybrid": hybrid}, default=float))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.md").write_text(text)
     print("\n" + text)

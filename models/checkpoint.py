@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from embedlift.models.adapters import APPLY_TO, ENTRY_POINT_GROUP, Adapter, AdapterConfig, adapter_kinds, build_adapter
-from embedlift.models.encoders import Encoder, backend_of, model_identity
+from embedlift.models.encoders import Encoder
 from embedlift.models.errors import BaseMismatchError, CheckpointError, InvalidInputError
 from embedlift.models.fusion import LearnedFusion
-from embedlift.models.spec import BaseSpec, mismatch
+from embedlift.models.spec import INT8_REMOVED, BaseSpec, mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -210,23 +210,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def check_base(config: CheckpointConfig, ckpt: Path, expected: BaseInfo, allow_backend_mismatch: bool) -> None:
+def check_base(config: CheckpointConfig, ckpt: Path, expected: BaseInfo) -> None:
     """Refuse an adapter trained on another base than ``expected``, in the user's terms: each identity setting
     that differs with both values (``query_prompt: 'query: ' vs ''``) and the flags that would serve it."""
     trained, serving = config.base.fingerprint, expected.fingerprint
-    if model_identity(trained) == model_identity(serving):  # same model, same settings: another backend
-        if not allow_backend_mismatch:
-            raise BaseMismatchError(
-                f"adapter {config.name!r} ({ckpt}) was trained on {config.base.name} run on the {backend_of(trained)} "
-                f"backend, but the base in use runs on {backend_of(serving)}: its vectors differ. Pass "
-                f"--allow-backend-mismatch to serve it anyway (embedlift eval --backend {backend_of(serving)} "
-                f"shows what it costs), or re-train it on this backend"
-            )
-        logger.warning(
-            "adapter %r was trained on the %s backend and runs on %s: quality may drop (see embedlift eval --backend)",
-            config.name, backend_of(trained), backend_of(serving),
-        )
-        return
+    if trained.endswith("+int8"):  # trained on vectors of the removed --backend int8
+        raise BaseMismatchError(f"adapter {config.name!r} ({ckpt}) was trained on int8 vectors of {config.base.name}. {INT8_REMOVED}")
     trained_spec, serving_spec = config.base.base_spec(), expected.base_spec()
     differs = f"fingerprint {trained} vs {serving}"
     fix = "pass the --base options it was trained with, or re-train the adapter on this base"
@@ -274,15 +263,13 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, expected: BaseInfo | None = None, allow_backend_mismatch: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, expected: BaseInfo | None = None) -> Checkpoint:
     """Load a checkpoint strictly.
 
     Args:
         path: The checkpoint directory.
         expected: The base it will run on; a checkpoint trained on another is refused, naming each base setting
             that differs.
-        allow_backend_mismatch: Accept the same model on another backend (an adapter trained on float32
-            vectors served on int8 ones), with a warning. Another model is refused regardless.
 
     Raises:
         CheckpointError: Missing, damaged or inconsistent files (the message names the file).
@@ -291,7 +278,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, expected: BaseInfo | None =
     ckpt = Path(path)
     config = read_config(ckpt)
     if expected is not None and config.base.fingerprint != expected.fingerprint:
-        check_base(config, ckpt, expected, allow_backend_mismatch)
+        check_base(config, ckpt, expected)
     weights = ckpt / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete, re-train or re-copy it")

@@ -34,24 +34,11 @@ logger = logging.getLogger(__name__)
 Role = Literal["query", "document"]
 ROLES: tuple[Role, ...] = ("query", "document")
 
-#: How a local base runs: ``torch`` (float32, the reference) or ``int8`` (torch's dynamic int8 quantization of
-#: the linear layers: faster on CPU, slightly different vectors).
-Backend = Literal["torch", "int8"]
-BACKENDS: tuple[Backend, ...] = ("torch", "int8")
 #: Padded tokens per forward pass (``--batch-tokens``), as TEI's ``max-batch-tokens``: measured on this
 #: project's CPU with all-MiniLM-L6-v2 (``benchmarks/serving.py``), where larger passes stop paying.
 DEFAULT_CPU_BATCH_TOKENS = 4096
 DEFAULT_GPU_BATCH_TOKENS = 32768
 
-
-def model_identity(fingerprint: str) -> str:
-    """The model part of a fingerprint, without its backend: ``name:hash+int8`` -> ``name:hash``."""
-    return fingerprint.split("+", 1)[0]
-
-
-def backend_of(fingerprint: str) -> str:
-    """The backend a fingerprint was computed on (``torch`` when it names none)."""
-    return fingerprint.split("+", 1)[1] if "+" in fingerprint else "torch"
 
 __all__ = ["DEFAULT_BASE", "Encoder", "LocalEncoder", "Role", "WrappedEncoder"]
 
@@ -213,10 +200,6 @@ class LocalEncoder(Encoder):
             ``models/runtimes.py``), checked against torch fp32 as a precision is.
         compiled_dir: Where OpenVINO's converted and compiled models are kept (default
             ``default_compiled_dir()``; the server passes its data directory's ``openvino`` folder).
-        backend: ``torch`` (float32) or ``int8`` (dynamic int8 quantization of the linear layers). The
-            fingerprint keeps the float32 weights' identity and adds ``+int8``: the vectors differ, so the
-            cache and collections keep them apart, and an adapter trained on float32 vectors runs on int8
-            ones only when asked (``allow_backend_mismatch``).
         threads: torch intra-op threads (default: the cores this process may run on).
     """
 
@@ -235,7 +218,6 @@ class LocalEncoder(Encoder):
         runtime: Runtime = "torch",
         batch_tokens: int | None = None,
         compiled_dir: str | os.PathLike[str] | None = None,
-        backend: Backend = "torch",
         threads: int | None = None,
     ) -> None:
         import torch
@@ -243,16 +225,11 @@ class LocalEncoder(Encoder):
 
         if runtime not in RUNTIMES:
             raise InvalidInputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-        if backend not in BACKENDS:
-            raise InvalidInputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         if threads is not None and threads < 1:
             raise InvalidInputError(f"threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads or available_cores())
-        self.backend = backend
         self.device, self.threads = resolve_device(device), threads
-        if backend == "int8" and self.device != "cpu":
-            raise InvalidInputError(f"--backend int8 (torch's dynamic quantization) runs on the CPU only, not on {self.device}")
-        wanted = "fp32" if backend == "int8" else resolve_precision(precision, self.device)
+        wanted = resolve_precision(precision, self.device)
 
         source = str(model) if model is not None else DEFAULT_BASE
         self.source = source
@@ -312,9 +289,6 @@ class LocalEncoder(Encoder):
                 "max_seq_length": self.max_seq_length,
             }
         )
-        if backend == "int8":
-            self.model = quantize_int8(self.model)
-            self.fingerprint += "+int8"
         # a faster precision is kept only if it gives fp32's vectors (the fingerprint stays fp32's)
         self._memo, self._counts = TokenMemo(), TokenMemo()
         self._specials = self.tokenizer.num_special_tokens_to_add(False)
@@ -392,9 +366,12 @@ class LocalEncoder(Encoder):
         prompt = self._prompts[role]
         enc = self.tokenizer([prompt + t for t in texts], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         out: list[list[Span]] = []
+        p = len(prompt)
         for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
-            n_prompt = sum(1 for _, end in offsets if end <= len(prompt)) if prompt else 0
-            own = [(max(0, a - len(prompt)), b - len(prompt)) for a, b in offsets[n_prompt:]]
+            own = offsets
+            if p:  # the prompt's tokens lead; the text's offsets are shifted back to index the text itself
+                n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > p), len(offsets))
+                own = [(max(0, a - p), b - p) for a, b in offsets[n_prompt:]]
             spans = plan_windows(text, own, self.window_tokens, self.window_stride)
             self._counts.put(text, np.array(len(own) + self._specials))
             if len(spans) == 1:
@@ -415,7 +392,7 @@ class LocalEncoder(Encoder):
     def spec(self) -> BaseSpec:
         return BaseSpec(
             model=canonical_model(self.source), query_prompt=self._prompts["query"], document_prompt=self._prompts["document"],
-            max_seq_length=self.max_seq_length, quantization="int8" if self.backend == "int8" else None,
+            max_seq_length=self.max_seq_length,
             device=self.device, precision=self.precision, runtime=self.runtime, threads=self.threads, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
             window_tokens=self.window_tokens, window_stride=self.window_stride,
         )
@@ -429,7 +406,7 @@ class LocalEncoder(Encoder):
             "document_prompt": self._prompts["document"],
             "window_tokens": self.window_tokens,
             "window_stride": self.window_stride,
-            "backend": self.backend,
+            "runtime": self.runtime,
             "device": self.device,
             "precision": self.precision,
             "precision_fidelity": self.fidelity,
@@ -458,25 +435,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def quantize_int8(model: Any) -> Any:
-    """torch's dynamic int8 quantization of every ``nn.Linear`` (weights int8, activations quantized per
-    batch): about 1.5x faster on CPU for MiniLM-sized models, at a cost in quality ``embedlift eval
-    --backend int8`` measures. torch marks ``torch.ao.quantization`` deprecated; it is what resolves beside
-    the pinned torch (sentence-transformers' ONNX and OpenVINO backends need optimum, which does not)."""
-    import warnings
-
-    import torch
-
-    try:
-        from torch.ao.quantization import quantize_dynamic
-    except ImportError as exc:  # removed in a later torch
-        raise InvalidInputError(f"--backend int8 needs torch.ao.quantization, which this torch ({torch.__version__}) lacks") from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _same_dir(a: str, b: Path) -> bool:

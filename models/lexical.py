@@ -44,6 +44,8 @@ _STOPWORDS = {
     "danish": "STOPWORDS_DANISH", "turkish": "STOPWORDS_TURKISH",
 }
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
+#: Distinct words an analyzer remembers the terms of (a few tens of MB at most).
+MAX_KNOWN_WORDS = 500_000
 
 
 class LexicalSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -69,6 +71,7 @@ class Analyzer:
         import threading
 
         self._local = threading.local()
+        self._known: dict[str, str] = {}  # word -> its term ("" for a stop word)
 
     def _stem(self, words: list[str]) -> list[str]:
         stemmer = getattr(self._local, "stemmer", None)
@@ -79,9 +82,24 @@ class Analyzer:
         stemmed: list[str] = stemmer.stemWords(words)
         return stemmed
 
+    def _terms_of(self, words: set[str]) -> dict[str, str]:
+        """Each word's term ("" for a stop word), remembered while fewer than ``MAX_KNOWN_WORDS`` are known."""
+        plain = [w for w in words if w not in self.stopwords]
+        found = dict.fromkeys(words - set(plain), "") | dict(zip(plain, self._stem(plain), strict=True))
+        if len(self._known) < MAX_KNOWN_WORDS:
+            self._known.update(found)
+        return found
+
     def terms(self, text: str) -> list[str]:
-        """The text's index terms, in order (repeats kept)."""
-        return self._stem([w for w in _TOKEN.findall(text.lower()) if w not in self.stopwords])
+        """The text's index terms, in order (repeats kept). Each distinct word is stemmed once, then looked up
+        (indexing a collection sees the same words again and again)."""
+        words = _TOKEN.findall(text.lower())
+        known = self._known
+        found = [known.get(w) for w in words]
+        if None in found:
+            new = self._terms_of({w for w, t in zip(words, found, strict=True) if t is None})
+            found = [t if t is not None else new[w] for w, t in zip(words, found, strict=True)]
+        return [t for t in found if t]
 
     def counts(self, text: str) -> tuple[int, dict[str, int]]:
         """``(length in terms, {term: frequency})``: what an index stores of one unit."""

@@ -52,8 +52,15 @@ RUN_FIELDS = ("device", "precision", "runtime", "threads", "batch_size", "batch_
 # How the fields are spelled on the command line and in the environment, where not `--<field>` / EMBEDLIFT_<FIELD>.
 FLAGS = {"model": "--base", "quantization": "--backend", "max_input_tokens": "--remote-max-input-tokens"}
 ENV = {"model": "EMBEDLIFT_BASE", "quantization": "EMBEDLIFT_BACKEND", "max_input_tokens": "EMBEDLIFT_REMOTE_MAX_INPUT_TOKENS"}
-#: ``--backend`` keeps its spelling: ``torch`` (float32, no quantization) or ``int8``.
+#: ``EMBEDLIFT_BACKEND`` keeps its spelling: ``torch`` (float32, no quantization) or ``int8`` (refused at load).
 SPELLED = {"quantization": {"torch": None, "int8": "int8"}}
+#: Why ``--backend int8`` is gone (README, Performance): measured on the Lyft set, neither int8 kept the vectors.
+INT8_REMOVED = (
+    "int8 quantization (--backend int8, EMBEDLIFT_BACKEND=int8) was removed: torch's dynamic int8 gave a minimum "
+    "cosine of 0.88 to float32 and OpenVINO/NNCF int8 0.987, below the 0.99 a lossy option must keep. Serve the "
+    "float32 base: --precision auto runs bf16 where the CPU has it, losslessly (cosine >= 0.9999), and --runtime "
+    "openvino is faster still; an adapter trained on int8 vectors must be re-trained on it"
+)
 
 
 class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -65,7 +72,9 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         query_prompt: Instruction prefixed to queries (bge-style).
         document_prompt: Instruction prefixed to documents.
         max_seq_length: The model's token limit.
-        quantization: ``int8``: torch's dynamic int8 quantization (lossy; its fingerprint gets ``+int8``).
+        quantization: ``int8`` in what earlier versions recorded for ``--backend int8`` (torch's dynamic int8
+            quantization, removed: see ``INT8_REMOVED``); a base with it set is refused at load, and an adapter
+            trained on one differs from a float32 base in this field.
         base_url: A remote base's OpenAI-protocol API root.
         dimensions: Shorter vectors asked of a remote base (``text-embedding-3-*``).
         tokenizer: A local Hugging Face tokenizer that cuts a remote base's windows.
@@ -199,12 +208,12 @@ def load_base(spec: BaseSpec, *, api_key: str | None = None, progress: bool = Fa
     Raises:
         InvalidInputError: A model that cannot be loaded, or settings that do not apply to it.
     """
+    if spec.quantization is not None:
+        raise InvalidInputError(INT8_REMOVED)
     model = spec.model
     if model is not None and model.startswith(REMOTE_PREFIX):
         from embedlift.models.remote import OpenAIEncoder
 
-        if spec.quantization is not None:
-            raise InvalidInputError(f"--backend {spec.quantization} applies to local models only, not to {model}")
         return OpenAIEncoder(
             model[len(REMOTE_PREFIX):], base_url=spec.base_url, api_key=api_key, dimensions=spec.dimensions,
             query_prompt=spec.query_prompt, document_prompt=spec.document_prompt,
@@ -219,8 +228,6 @@ def load_base(spec: BaseSpec, *, api_key: str | None = None, progress: bool = Fa
     if model is not None and model.startswith(HASHING_PREFIX):
         from embedlift.models.hashing import HashingEncoder
 
-        if spec.quantization is not None:
-            raise InvalidInputError(f"--backend {spec.quantization} does not apply to {model}")
         return HashingEncoder.from_spec(spec)
     from embedlift.models.encoders import LocalEncoder
 
@@ -228,5 +235,5 @@ def load_base(spec: BaseSpec, *, api_key: str | None = None, progress: bool = Fa
         model, query_prompt=spec.query_prompt, document_prompt=spec.document_prompt, max_seq_length=spec.max_seq_length,
         batch_size=spec.batch_size, window_tokens=spec.window_tokens, window_stride=spec.window_stride,
         device=spec.device, precision=spec.precision, runtime=spec.runtime, batch_tokens=spec.batch_tokens,
-        compiled_dir=compiled_dir, backend=spec.quantization or "torch", threads=spec.threads,
+        compiled_dir=compiled_dir, threads=spec.threads,
     )

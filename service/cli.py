@@ -2,7 +2,7 @@
 
 Each sub-command parses its options, calls the library (``embedlift.training``'s pipeline, the service's
 engine) and prints. Every command that runs a base model takes the same option group (``--base``, the prompts,
-``--max-seq-length``, ``--backend``, the window and remote settings, ``--device``, ...), filled from
+``--max-seq-length``, the window and remote settings, ``--device``, ``--precision``, ``--runtime``, ...), filled from
 ``EMBEDLIFT_*`` variables too, into one ``BaseSpec``. Errors embedlift raises on purpose (``EmbedliftError``, a
 bad flag or variable included) print as one line on stderr with exit code 2, never a traceback. Results go to
 stdout (``eval --json`` prints exactly the JSON and nothing else); progress and counts go to stderr.
@@ -68,8 +68,6 @@ def add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--query-prompt", help="instruction prefixed to queries (bge-style); default: the model's own")
     g.add_argument("--document-prompt", help="instruction prefixed to documents; default: the model's own")
     g.add_argument("--max-seq-length", help="override the model's token limit")
-    g.add_argument("--backend", dest="quantization", choices=["torch", "int8"],
-                   help="torch: float32 (default); int8: dynamic int8 quantization, faster on CPU, vectors differ a little")
     g.add_argument("--device", help="auto (default: a CUDA device when torch sees one, else the CPU), cpu, cuda, cuda:N")
     g.add_argument("--precision", help="auto (default: bf16 on CPUs with AMX/AVX-512 BF16 and on CUDA, fp16 on older CUDA, else fp32), "
                    "fp32, bf16, fp16; checked against fp32 at load (cosine >= 0.9999) or it falls back to fp32")
@@ -472,10 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", help="adapter to activate at start")
     s.add_argument("--api-key", help="Bearer key for read routes (prefer EMBEDLIFT_API_KEY: flags show in `ps`)")
     s.add_argument("--admin-key", help="Bearer key for mutating routes (prefer EMBEDLIFT_ADMIN_KEY)")
-    s.add_argument("--allow-backend-mismatch", action="store_true", default=None,
-                   help="serve adapters trained on another backend of the same model (a warning each)")
     s.add_argument("--max-concurrent", help="requests doing model work at once; more get 429 (default 256)")
     s.add_argument("--max-batch-inputs", help="inputs per model call, from all waiting requests (default 64)")
+    s.add_argument("--max-batch-tokens", help="tokens per model call, from all waiting requests (default: the base's --batch-tokens)")
     s.add_argument("--max-queued-inputs", help="inputs waiting for the model; more get 429 (default 2048)")
     s.add_argument("--cache-mb", help="in-memory cache of base vectors for requests, MB; 0 = off (default 256)")
     s.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default: it costs throughput)")

@@ -166,7 +166,9 @@ class Engine:
     ) -> None:
         self.settings = s = settings or Settings()
         self.registry = registry
-        self.batcher = BatchQueue(base, max_batch_inputs=s.max_batch_inputs, max_queued_inputs=s.max_queued_inputs)
+        self.batcher = BatchQueue(
+            base, max_batch_inputs=s.max_batch_inputs, max_batch_tokens=s.max_batch_tokens, max_queued_inputs=s.max_queued_inputs
+        )
         # The bulk encoder first: with a remote base it learns the dimension from the persistent cache.
         self.bulk_encoder = CachedEncoder(BatchedEncoder(self.batcher, BULK), bulk_cache, progress=False)
         memory = MemoryCache(s.cache_mb << 20) if s.cache_mb > 0 else None
@@ -189,7 +191,7 @@ class Engine:
             base.set_dim(known)  # a remote base's dimension without a probe call
         collections = CollectionManager(settings.data_dir / "collections", base.fingerprint, base.dim, base.spec)
         collections.load_all()
-        registry = AdapterRegistry(settings.adapters_dir, state, base_info(base), allow_backend_mismatch=settings.allow_backend_mismatch)
+        registry = AdapterRegistry(settings.adapters_dir, state, base_info(base))
         engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache)
         registry.load(settings.adapter)
         if watch and settings.watch_interval > 0:

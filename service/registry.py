@@ -123,7 +123,6 @@ class AdapterRegistry:
         base: The base in use; checkpoints trained on another are refused, naming what differs.
         on_change: Called (outside the lock) after an adapter is registered, so derived state (collection
             views of ``apply_to: both`` adapters) can be built before the adapter is activated.
-        allow_backend_mismatch: Accept adapters trained on another backend of the same model (a warning each).
     """
 
     def __init__(
@@ -132,11 +131,8 @@ class AdapterRegistry:
         state: RegistryStateStore,
         base: BaseInfo,
         on_change: Callable[[LoadedAdapter], None] | None = None,
-        *,
-        allow_backend_mismatch: bool = False,
     ) -> None:
         self.adapters_dir = adapters_dir
-        self.allow_backend_mismatch = allow_backend_mismatch
         self.state = state
         self.base = base
         self.on_change = on_change
@@ -241,7 +237,7 @@ class AdapterRegistry:
 
     # ---------------------------------------------------------------------------------------- changes
     def _load(self, path: Path) -> Checkpoint:
-        return load_checkpoint(path, expected=self.base, allow_backend_mismatch=self.allow_backend_mismatch)
+        return load_checkpoint(path, expected=self.base)
 
     def _register(self, name: str, *, bump: bool = True) -> LoadedAdapter:
         """Load ``adapters_dir/name`` strictly (off the lock), then swap it in."""

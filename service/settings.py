@@ -29,7 +29,6 @@ class Settings:
         base: The base model and how it runs (``--base``, ``--query-prompt``, ...; see ``BaseSpec``). Identity
             fields left unset are taken from the adapter the server activates.
         openai_api_key: A remote base's key (else ``$OPENAI_API_KEY``).
-        allow_backend_mismatch: Serve adapters trained on another backend of the same model (with a warning).
         host: Interface to bind.
         port: Port to bind.
         data_dir: Where the service keeps its state (base-embedding cache, collections, registry).
@@ -44,6 +43,8 @@ class Settings:
         max_body_bytes: Request body size (JSON routes).
         max_upload_bytes: Size of a checkpoint tar uploaded to ``POST /adapters``.
         max_batch_inputs: Inputs the dynamic batcher hands the model per call, from all waiting requests.
+        max_batch_tokens: Tokens the dynamic batcher hands the model per call (default: the base's own
+            forward-pass budget, ``--batch-tokens``), as TEI's ``max-batch-tokens``.
         max_queued_inputs: Inputs waiting for the model at most; a request beyond it gets 429 with Retry-After.
         cache_mb: Size of the in-memory cache of base vectors on the request path (0 = off). Background
             work (upserts, evaluations) uses the persistent cache under ``data_dir`` instead.
@@ -62,7 +63,6 @@ class Settings:
 
     base: BaseSpec = field(default_factory=BaseSpec)
     openai_api_key: str | None = field(default=None, repr=False)  # secrets stay out of reprs and logs
-    allow_backend_mismatch: bool = False
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65535)] = 8080
     data_dir: Path = Path("data")
@@ -76,6 +76,7 @@ class Settings:
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 1 << 30
     max_batch_inputs: Positive = 64
+    max_batch_tokens: Positive | None = None
     max_queued_inputs: Positive = 2048
     cache_mb: Annotated[int, Meta(ge=0)] = 256
     max_k: Positive = 1000

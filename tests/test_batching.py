@@ -1,4 +1,4 @@
-"""Dynamic batching, the request-path cache and the int8 backend, on the real model.
+"""Dynamic batching, the request-path cache and the removed int8 backend, on the real model.
 
 The batcher must (1) give every caller exactly the vectors the model gives its inputs alone, (2) coalesce
 callers that wait together into one model call, (3) serve interactive work before bulk work, (4) refuse
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from embedlift.models.cache import CachedEncoder, MemoryCache
-from embedlift.models.checkpoint import BaseInfo, base_info
-from embedlift.models.errors import BaseMismatchError, OverloadedError, UnavailableError
+from embedlift.models.checkpoint import base_info
+from embedlift.models.errors import BaseMismatchError, InvalidInputError, OverloadedError, UnavailableError
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
 
 QUESTIONS = [f"What did Lyft report about {topic} in {year}?" for topic in ("drivers", "revenue", "insurance", "bikes") for year in (2019, 2020, 2021, 2022)]
@@ -134,37 +134,21 @@ def test_engine_request_cache_can_be_turned_off(minilm, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- int8
-@pytest.fixture(scope="module")
-def minilm_int8():
-    from embedlift.models.encoders import LocalEncoder
+def test_int8_is_refused_with_the_reason_and_what_to_use(minilm, tmp_path):
+    """``--backend int8`` was removed (its vectors were too far from float32's): a variable or a recorded spec
+    asking for it, and an adapter trained on its vectors, are refused with the measured reason."""
+    import json
 
-    return LocalEncoder(backend="int8")
-
-
-def test_int8_backend_keeps_the_model_identity_and_marks_its_vectors(minilm, minilm_int8):
-    from embedlift.models.encoders import backend_of, model_identity
-
-    assert minilm_int8.fingerprint == minilm.fingerprint + "+int8"
-    assert model_identity(minilm_int8.fingerprint) == minilm.fingerprint and backend_of(minilm_int8.fingerprint) == "int8"
-    assert minilm_int8.describe()["backend"] == "int8"
-    full, quantized = minilm.encode(QUESTIONS, "query"), minilm_int8.encode(QUESTIONS, "query")
-    cosine = (full * quantized).sum(1)
-    assert cosine.min() > 0.8 and not np.allclose(full, quantized, atol=1e-3)  # close, but not the same vectors
-    np.testing.assert_allclose(np.linalg.norm(quantized, axis=1), 1, atol=1e-5)
-
-
-def test_an_adapter_trained_on_float32_runs_on_int8_only_when_asked(minilm, minilm_int8, tmp_path, caplog):
     from embedlift.models.checkpoint import load_checkpoint
+    from embedlift.models.spec import BaseSpec, load_base
 
     from .helpers import make_adapter
 
-    path = make_adapter(minilm, tmp_path / "fp32-adapter")
-    with pytest.raises(BaseMismatchError, match="--allow-backend-mismatch"):
-        load_checkpoint(path, expected=base_info(minilm_int8))
-    with caplog.at_level("WARNING"):
-        ckpt = load_checkpoint(path, expected=base_info(minilm_int8), allow_backend_mismatch=True)
-    assert ckpt.config.base.fingerprint == minilm.fingerprint
-    assert "quality may drop" in caplog.text
-    other = make_adapter(minilm, tmp_path / "other")
-    with pytest.raises(BaseMismatchError):  # another model is refused even when asked
-        load_checkpoint(other, expected=BaseInfo(name="another-model", fingerprint="another-model:0123+int8", dim=384), allow_backend_mismatch=True)
+    with pytest.raises(InvalidInputError, match=r"was removed: torch's dynamic int8 gave a minimum cosine of 0.88.*--precision auto"):
+        load_base(BaseSpec.from_sources({}, {"EMBEDLIFT_BACKEND": "int8"}))
+    path = make_adapter(minilm, tmp_path / "int8-adapter")
+    config = json.loads((path / "config.json").read_text())
+    config["base"]["fingerprint"] += "+int8"  # as --backend int8 recorded it
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseMismatchError, match="was trained on int8 vectors.*re-trained"):
+        load_checkpoint(path, expected=base_info(minilm))

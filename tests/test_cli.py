@@ -57,19 +57,6 @@ def test_eval_json_is_only_json_and_the_adapter_beats_base(trained, lyft_slice, 
 
 
 @pytest.mark.slow
-def test_eval_on_the_int8_backend_shows_what_it_costs(trained, lyft_slice, shared_cache):
-    """`--backend int8` evaluates the float32 rows (cached) and the int8 rows in one table: the adapter
-    trained on float32 runs on int8 vectors, with a warning, and every delta is against float32's base."""
-    out, _ = trained
-    proc = run("eval", str(lyft_slice), "--adapter", str(out), "--backend", "int8", "--json", cache=shared_cache)
-    result = json.loads(proc.stdout)
-    assert list(result) == ["base", "slice-linear", "base [int8]", "slice-linear [int8]"]
-    assert result["base [int8]"] != result["base"]  # other vectors, other numbers
-    assert abs(result["base [int8]"]["hit_rate@10"] - result["base"]["hit_rate@10"]) < 0.2
-    assert "quality may drop" in proc.stderr
-
-
-@pytest.mark.slow
 def test_eval_table_and_report(trained, lyft_slice, shared_cache, tmp_path):
     out, _ = trained
     proc = run("eval", str(lyft_slice), "--adapter", str(out), "--k", "1,5", "--report", str(tmp_path / "r.html"), cache=shared_cache)

@@ -124,6 +124,10 @@ def agree(collection, queries=("revenue drivers", "insurance scooters market", "
         assert got.keys() == set(sorted(want, key=lambda d: (-want[d], d))[: len(got)]) and got
         for d, score in got.items():
             assert score == pytest.approx(want[d], rel=1e-9)
+        # a short page: only the best windows are sorted (the partition path), the result is still the top k
+        top = lexical_hits(collection, q, k=3)
+        assert sorted(top.values(), reverse=True) == pytest.approx(sorted(want.values(), reverse=True)[:3], rel=1e-9)
+        assert all(score == pytest.approx(want[d], rel=1e-9) for d, score in top.items())
 
 
 def test_the_lexical_index_scores_exactly_through_writes_deletes_compaction_and_restart(hashing, tmp_path, monkeypatch):

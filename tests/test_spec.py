@@ -46,11 +46,11 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 # -------------------------------------------------------------------------------------------- the spec
 def test_flags_win_over_variables_and_values_are_typed():
     spec = BaseSpec.from_sources(
-        {"query_prompt": "query: ", "max_seq_length": None, "quantization": "int8"},
+        {"query_prompt": "query: ", "max_seq_length": None, "precision": "bf16"},
         {"EMBEDLIFT_QUERY_PROMPT": "ignored", "EMBEDLIFT_MAX_SEQ_LENGTH": "128", "EMBEDLIFT_BATCH_SIZE": "8", "EMBEDLIFT_BASE": "hashing:64"},
     )
-    assert spec == BaseSpec(model="hashing:64", query_prompt="query: ", max_seq_length=128, quantization="int8", batch_size=8)
-    assert BaseSpec.from_sources({"quantization": "torch"}, {}).quantization is None  # --backend torch: float32
+    assert spec == BaseSpec(model="hashing:64", query_prompt="query: ", max_seq_length=128, precision="bf16", batch_size=8)
+    assert BaseSpec.from_sources({}, {"EMBEDLIFT_BACKEND": "torch"}).quantization is None  # torch: float32
 
 
 @pytest.mark.parametrize(
@@ -160,8 +160,8 @@ def test_a_bad_variable_or_flag_is_one_line_and_exit_2(tmp_path):
     assert "EMBEDLIFT_MAX_SEQ_LENGTH='long' is not valid: expected an integer" in line
     line = one_error_line(cli("train", str(tmp_path / "d.json"), "--out", str(tmp_path / "o"), "--epochs", "many"))
     assert line.startswith("embedlift train: error: argument --epochs: 'many' is not an integer >= 1")
-    line = one_error_line(cli("serve", "--backend", "fp8"))
-    assert "argument --backend: invalid choice: 'fp8'" in line
+    line = one_error_line(cli("serve", "--precision", "fp8", "--data-dir", str(tmp_path)))
+    assert line == "embedlift: error: --precision='fp8' is not valid: expected one of 'auto', 'fp32', 'bf16', 'fp16'"
 
 
 # ------------------------------------------------------------------------- a prompt-trained adapter serves

@@ -176,8 +176,8 @@ def pair_rows(train: QADataset, data: EmbeddedDataset, max_negatives: int) -> tu
 def local_base(base: BaseSpec) -> LocalEncoder:
     """The sentence-transformers model a fine-tune trains (a remote or model-free base cannot be fine-tuned)."""
     encoder = load_base(base)
-    if not isinstance(encoder, LocalEncoder) or encoder.backend != "torch":
-        raise InvalidInputError(f"only a local sentence-transformers base in float32 can be fine-tuned, not {encoder.name} ({base.as_flags()})")
+    if not isinstance(encoder, LocalEncoder):
+        raise InvalidInputError(f"only a local sentence-transformers base can be fine-tuned, not {encoder.name} ({base.as_flags()})")
     return encoder
 
 

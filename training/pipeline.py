@@ -258,7 +258,6 @@ def evaluate(
     Args:
         dataset: A dataset of any format (labelled data: the retrieval task it defines).
         base: The base specification; identity settings it leaves unset come from the adapters' record.
-            With a ``quantization``, the float32 base is evaluated first, so every delta shows its cost.
         adapters: Checkpoint directories.
         finetuned: Model directories written by ``embedlift finetune`` (rows of their own, same other settings).
         ks: Cut-offs.
@@ -276,15 +275,11 @@ def evaluate(
     encoder = open_base(base, cache)
     store = encoder.cache if isinstance(encoder.cache, EmbeddingCache) else None
     runs: list[tuple[str, CachedEncoder]] = [("", encoder)]
-    if base.quantization is not None:  # float32 first: each row's delta then shows what the quantization costs
-        runs = [("", open_base(msgspec.structs.replace(base, quantization=None), store)), (base.quantization, encoder)]
-    checkpoints: list[Checkpoint] = [
-        load_checkpoint(p, expected=base_info(encoder), allow_backend_mismatch=base.quantization is not None) for p in adapters
-    ]
+    checkpoints: list[Checkpoint] = [load_checkpoint(p, expected=base_info(encoder)) for p in adapters]
     embedded = [(label, embed_reported(enc, ds, f"eval [{label or 'torch'}]", log, windows=not truncate)) for label, enc in runs]
     models, alphas = [], {}
     for path in finetuned:  # a fine-tuned base: its own encoder, every other setting as for the base
-        spec = msgspec.structs.replace(base, model=str(path), quantization=None)
+        spec = msgspec.structs.replace(base, model=str(path))
         tuned = open_base(spec, store)
         name = Path(path).resolve().name
         models.append((name, embed_reported(tuned, ds, f"eval [{name}]", log, windows=not truncate)))

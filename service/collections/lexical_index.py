@@ -22,6 +22,8 @@ from embedlift.service.collections.base import WINDOW_BITS, Candidates, Changes,
 COMPACT_FRACTION = 0.25
 COMPACT_MIN = 1024
 CONSOLIDATE_CHUNKS = 8
+#: Query terms whose weights are kept between writes (a search's terms are a handful; a busy index's, thousands).
+CACHED_TERMS = 4096
 
 
 class MemoryLexicalIndex(LexicalIndex):
@@ -44,10 +46,16 @@ class MemoryLexicalIndex(LexicalIndex):
         self._live = 0
         self._total_length = 0.0
         self._postings: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        # A term's live slots and BM25 weights, valid for one generation of the index (every write starts a new
+        # one: N, n(t) and the average length move); searches between writes reuse them.
+        self._generation = 0
+        self._weights: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 
     def load(self) -> MemoryLexicalIndex:
         """Fill from the store's postings (at start); ``ready`` when they are complete for this analyzer."""
         with self._lock:
+            self._generation += 1
+            self._weights.clear()
             for part in self.store.iter_postings():
                 self._append(part)
             self.status = "ready" if self.store.postings_state() == self.analyzer.version else "building"
@@ -61,6 +69,8 @@ class MemoryLexicalIndex(LexicalIndex):
     # writes ------------------------------------------------------------------------------------------
     def apply(self, changes: Changes) -> None:
         with self._lock:
+            self._generation += 1
+            self._weights.clear()
             self._remove(changes.removed)
             if changes.postings is not None:
                 self._append(changes.postings)
@@ -130,6 +140,21 @@ class MemoryLexicalIndex(LexicalIndex):
         return slots, tfs
 
     # search ------------------------------------------------------------------------------------------
+    def _term_weights(self, term: int, avg: float) -> tuple[np.ndarray, np.ndarray]:
+        """A term's live slots and each one's BM25 contribution ``idf * tf component`` (cached per generation)."""
+        cached = self._weights.get(term)
+        if cached is not None and cached[0] == self._generation:
+            return cached[1], cached[2]
+        slots, tfs = self._chunks(term)
+        if self._live < self._n:  # some slots are dead: they neither count nor score
+            live = self._alive[slots]
+            slots, tfs = slots[live], tfs[live]
+        weights = idf(self._live, np.float64(len(slots))) * tf_component(tfs.astype(np.float64), self._lengths[slots], avg)
+        if len(self._weights) >= CACHED_TERMS:
+            self._weights.clear()
+        self._weights[term] = (self._generation, slots, weights)
+        return slots, weights
+
     def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:
         vocabulary = self.store.vocabulary()
         with self._lock:
@@ -145,28 +170,42 @@ class MemoryLexicalIndex(LexicalIndex):
 
     def _one(self, terms: Sequence[str], vocabulary: dict[str, int], n: int, avg: float, allowed: np.ndarray | None) -> Candidates:
         scores = np.zeros(self._n, np.float64)
-        alive = self._alive[: self._n]
         for term in terms:  # a term repeated in the query counts each time
             term_id = vocabulary.get(term)
             if term_id is None or term_id not in self._postings:
                 continue
-            slots, tfs = self._chunks(term_id)
-            live = alive[slots]
-            df = int(live.sum())
-            if df == 0:
-                continue
-            slots, tfs = slots[live], tfs[live]
-            scores[slots] += idf(self._live, np.float64(df)) * tf_component(tfs.astype(np.float64), self._lengths[slots], avg)
+            slots, weights = self._term_weights(term_id, avg)
+            scores[slots] += weights
         if allowed is not None:
             scores[~allowed] = 0.0
-        hit = np.flatnonzero(scores > 0)
-        if len(hit) == 0:
-            return {}
-        keys, values = self._keys[hit], scores[hit]
-        docs = keys >> WINDOW_BITS
-        order = np.lexsort((docs, -values))  # best first; a document's best window comes first among its own
-        docs, keys, values = docs[order], keys[order], values[order]
+        return _best_documents(scores, self._keys, n)
+
+
+def _best_documents(scores: np.ndarray, keys: np.ndarray, n: int) -> Candidates:
+    """The ``n`` documents whose best window scores highest (ties by document id), each with that window.
+
+    Sorting every window that matched (most of a large collection for a common term) dominated a search, so
+    only the windows at or above the score of the ``m``-th best are sorted, ``m`` doubling until they hold ``n``
+    documents: a document left out has every window below that score, so the result is the exact top ``n``."""
+    hit = np.flatnonzero(scores > 0)
+    if len(hit) == 0:
+        return {}
+    values = scores[hit]
+    m = 4 * n
+    while True:
+        if m < len(hit):
+            cut = np.partition(values, len(values) - m)[len(values) - m]  # the m-th best score
+            chosen = np.flatnonzero(values >= cut)  # ties at the cut included
+        else:
+            chosen = np.arange(len(hit))
+        k, v = keys[hit[chosen]], values[chosen]
+        docs = k >> WINDOW_BITS
+        order = np.lexsort((docs, -v))  # best first; a document's best window comes first among its own
+        docs, k, v = docs[order], k[order], v[order]
         _, first = np.unique(docs, return_index=True)
-        best = np.sort(first)[:n]  # positions of each document's best window, in ranking order
-        mask = (1 << WINDOW_BITS) - 1
-        return {int(d): (float(v), int(k & mask)) for d, k, v in zip(docs[best], keys[best], values[best], strict=True)}
+        if len(first) >= n or len(chosen) == len(hit):
+            break
+        m *= 2
+    best = np.sort(first)[:n]  # positions of each document's best window, in ranking order
+    mask = (1 << WINDOW_BITS) - 1
+    return {int(d): (float(s), int(w & mask)) for d, w, s in zip(docs[best], k[best], v[best], strict=True)}

@@ -156,12 +156,14 @@ class SQLiteStore(CollectionStore):
         self._vocabulary.update(new)
 
     def _term_ids(self, db: sqlite3.Connection, terms: Sequence[str], new: dict[str, int]) -> np.ndarray:
-        ids = []
-        for term in terms:
-            found = self._vocabulary.get(term)
-            if found is None and (found := new.get(term)) is None:
-                found = new[term] = db.execute("INSERT INTO terms (term) VALUES (?) RETURNING id", (term,)).fetchone()[0]
-            ids.append(found)
+        known = self._vocabulary.get
+        ids = [known(term, -1) for term in terms]  # the common case: every term known
+        if -1 in ids:
+            for i, term in enumerate(terms):
+                if ids[i] == -1:
+                    if (found := new.get(term)) is None:
+                        found = new[term] = db.execute("INSERT INTO terms (term) VALUES (?) RETURNING id", (term,)).fetchone()[0]
+                    ids[i] = found
         return np.asarray(ids, dtype=np.int64)
 
     def _write_postings(self, db: sqlite3.Connection, table: str, seq: int, windows: Sequence[WindowTerms], new: dict[str, int]) -> Postings:
