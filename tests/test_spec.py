@@ -161,7 +161,7 @@ def test_a_bad_variable_or_flag_is_one_line_and_exit_2(tmp_path):
     line = one_error_line(cli("train", str(tmp_path / "d.json"), "--out", str(tmp_path / "o"), "--epochs", "many"))
     assert line.startswith("embedlift train: error: argument --epochs: 'many' is not an integer >= 1")
     line = one_error_line(cli("serve", "--precision", "fp8", "--data-dir", str(tmp_path)))
-    assert line == "embedlift: error: --precision='fp8' is not valid: expected one of 'auto', 'fp32', 'bf16', 'fp16'"
+    assert line == "embedlift: error: --precision='fp8' is not valid: expected one of 'auto', 'bf16', 'fp16', 'fp32'"
 
 
 # ------------------------------------------------------------------------- a prompt-trained adapter serves
