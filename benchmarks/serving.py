@@ -244,6 +244,39 @@ def embedlift_server(tmp: Path) -> tuple[subprocess.Popen, str, float]:
     return proc, f"http://127.0.0.1:{port}", ready
 
 
+def post_json(url: str, body: dict, method: str = "POST") -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method=method)
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def ingestion(url: str, passages: list[str]) -> dict:
+    """Passages through ``POST /collections/{c}/documents`` into a fresh collection (nothing cached: every window
+    runs the model), 32 documents per request from 2 clients at once, against in-process ``LocalEncoder`` with the
+    same defaults embedding the same documents' windows in one call."""
+    from embedlift.models.encoders import LocalEncoder
+    from embedlift.models.windows import embed_documents
+
+    post_json(f"{url}/collections/ingest", {}, method="PUT")
+    docs = [{"id": f"p{i}", "text": t} for i, t in enumerate(passages)]
+    groups = [docs[i : i + 32] for i in range(0, len(docs), 32)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=lambda part: [post_json(f"{url}/collections/ingest/documents", {"documents": g}) for g in part],
+                                args=(groups[k::2],)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    http_rate = len(docs) / (time.perf_counter() - started)
+    encoder = LocalEncoder()
+    embed_documents(encoder, passages[:16])
+    started = time.perf_counter()
+    windows = embed_documents(encoder, passages)
+    in_process = len(passages) / (time.perf_counter() - started)
+    print(f"  ingestion: {http_rate:.1f} passages/s over HTTP ({len(windows.spans)} windows), in-process {in_process:.1f}/s", flush=True)
+    return {"http": http_rate, "in_process": in_process, "windows": len(windows.spans), "documents": len(passages)}
+
+
 def infinity_server(script: str, tmp: Path) -> tuple[subprocess.Popen, str, float]:
     from embedlift.models.encoders import default_model_path
 
@@ -471,7 +504,7 @@ def hybrid_search(sizes: list[int], queries: list[str], passages: list[str], tmp
 
 # ------------------------------------------------------------------------------------------- report
 def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float], hybrid: dict | None = None,
-           runtime_rows: list[dict] | None = None) -> str:
+           runtime_rows: list[dict] | None = None, ingest: dict | None = None) -> str:
     best = c["best"]
     lines = ["## Serving benchmark (`make bench-serving`)", ""]
     if runtime_rows:
@@ -491,6 +524,11 @@ def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: d
         ref = best if r["kind"] == "query" else c["passage_best"]
         lines.append(f"| {r['server']} | {r['load']} | {r['clients']} | {r['inputs_per_s']:.1f} | {r['inputs_per_s'] / ref:.0%} | "
                      f"{r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
+    if ingest:
+        lines += ["", f"Ingestion: {ingest['http']:.1f} passages/s through `POST /collections/{{c}}/documents` (32 per request, 2 "
+                  f"clients, {ingest['windows']} windows, nothing cached) vs {ingest['in_process']:.1f}/s in process with the same "
+                  f"defaults ({ingest['http'] / ingest['in_process']:.0%}) and {c['passage_best']:.1f}/s for the fp32 reference "
+                  f"({ingest['http'] / c['passage_best']:.2f}x)."]
     lines += ["", "| engine (no HTTP) | value |", "|---|---:|"]
     for k, v in engine["per_call_ms"].items():
         lines.append(f"| embed 64 queries, {k} | {v:.1f} ms" + (f" ({engine['overhead'][k]:+.1%} vs base)" if k != "base" else "") + " |")
@@ -538,6 +576,7 @@ def main() -> int:
         runtime_rows = runtimes(queries, passages, tmp)
     http: list[dict] = []
     ready: dict[str, float] = {}
+    ingest: dict | None = None
     if "http" not in skip:
         print("2. embedlift over HTTP", flush=True)
         proc, url, ready["embedlift"] = embedlift_server(tmp)
@@ -545,6 +584,7 @@ def main() -> int:
             http += run_loads("embedlift", url, "/embed",
                               lambda g, kind: {"input": g, "input_type": "query" if kind == "query" else "document", "truncate": True},
                               queries, passages, tmp, args.duration)
+            ingest = ingestion(url, passages)
         finally:
             stop(proc)
         if args.infinity and "infinity" not in skip:
@@ -570,7 +610,7 @@ def main() -> int:
     if "hybrid" not in skip:
         print("6. hybrid search and upserts", flush=True)
         hybrid = hybrid_search([int(s) for s in args.hybrid_sizes.split(",")], queries, passages, tmp)
-    text = (report(c, http, engine, search, ready, hybrid, runtime_rows) if engine
+    text = (report(c, http, engine, search, ready, hybrid, runtime_rows, ingest) if engine
             else json.dumps({"ceiling": c, "runtimes": runtime_rows, "http": http, "search": search, "hybrid": hybrid}, default=float))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.md").write_text(text)
