@@ -24,7 +24,8 @@ RUN --mount=type=bind,source=wheels,target=/wheels \
     if [ -n "$whl" ]; then /opt/embedlift/bin/pip install "$whl"; \
     else /opt/embedlift/bin/pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"; fi
 
-# The project, with torch held where it is (a newer torch from PyPI would be a CUDA build of several GB).
+# The project with its openvino extra (the default runtime on a CPU), torch held where it is (a newer torch
+# from PyPI would be a CUDA build of several GB).
 COPY pyproject.toml README.md /src/
 COPY models /src/models
 COPY training /src/training
@@ -33,7 +34,7 @@ RUN --mount=type=secret,id=ca \
     set -e; \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt; \
-    /opt/embedlift/bin/pip install -c /tmp/constraints.txt /src; \
+    /opt/embedlift/bin/pip install -c /tmp/constraints.txt "/src[openvino]"; \
     HF_HUB_OFFLINE=1 /opt/embedlift/bin/python -c "from embedlift.models.encoders import LocalEncoder; print(LocalEncoder().fingerprint)"
 
 # ---------------------------------------------------------------------------------------------- runtime

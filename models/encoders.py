@@ -24,7 +24,7 @@ import numpy as np
 
 from embedlift.models.errors import InvalidInputError
 from embedlift.models.precision import PROBE, Precision, checked, resolve_device, resolve_precision
-from embedlift.models.runtimes import RUNTIMES, OpenVINOForward, Runtime, TorchForward
+from embedlift.models.runtimes import OpenVINOForward, Runtime, TorchForward, resolve_runtime
 from embedlift.models.spec import DEFAULT_BASE, BaseSpec, canonical_model
 from embedlift.models.tokens import TokenMemo, pad, token_batches
 from embedlift.models.windows import Span, plan_windows
@@ -215,7 +215,7 @@ class LocalEncoder(Encoder):
         window_stride: int | None = None,
         device: str = "auto",
         precision: str = "auto",
-        runtime: Runtime = "torch",
+        runtime: Runtime = "auto",
         batch_tokens: int | None = None,
         compiled_dir: str | os.PathLike[str] | None = None,
         threads: int | None = None,
@@ -223,8 +223,6 @@ class LocalEncoder(Encoder):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        if runtime not in RUNTIMES:
-            raise InvalidInputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
         if threads is not None and threads < 1:
             raise InvalidInputError(f"threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads or available_cores())
@@ -299,6 +297,18 @@ class LocalEncoder(Encoder):
         self.runtime, self.precision, self.fidelity = self._choose_forward(runtime, wanted, compiled_dir)
 
     def _choose_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> tuple[Runtime, Precision, float]:
+        """The runtime ``runtime`` resolves to, checked; ``auto`` falls back to torch where OpenVINO cannot
+        convert the model (an explicit ``--runtime openvino`` says why instead)."""
+        chosen = resolve_runtime(runtime, self.device)
+        if runtime != "auto" or chosen == "torch":
+            return self._checked_forward(chosen, precision, compiled_dir)
+        try:
+            return self._checked_forward(chosen, precision, compiled_dir)
+        except Exception as exc:  # OpenVINO's converter raises its own types for models it cannot convert
+            logger.warning("%s: OpenVINO could not run the model (%s); running on torch", self.name, exc)
+            return self._checked_forward("torch", precision, compiled_dir)
+
+    def _checked_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> tuple[Runtime, Precision, float]:
         """``(runtime, precision, fidelity)`` this encoder runs in: the one asked for if its vectors of the probe
         set stay within 0.9999 of torch fp32's (the fingerprint stays fp32's), else torch fp32 (logged)."""
         reference = TorchForward(self.model, self.device, "fp32")

@@ -82,7 +82,8 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         precision: ``auto`` (bf16 on CPUs with AMX or AVX-512 BF16 and on CUDA devices that support it, fp16 on
             other CUDA devices, else fp32), ``fp32``, ``bf16`` or ``fp16``; lossless by a check at load, so it
             never changes the fingerprint (``models/precision.py``).
-        runtime: ``torch`` or ``openvino`` (the transformer compiled for the CPU; ``models/runtimes.py``).
+        runtime: ``auto`` (OpenVINO on a CPU where the ``openvino`` extra is installed, else torch), ``torch`` or
+            ``openvino`` (the transformer compiled for the CPU; ``models/runtimes.py``).
         threads: torch intra-op threads (default: the cores this process may use).
         batch_size: Inputs per forward pass at most.
         batch_tokens: Padded tokens per forward pass at most (default 4096 on a CPU, 32768 on a GPU).
@@ -101,7 +102,7 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     tokenizer: str | None = None
     device: str = "auto"
     precision: Precision = "auto"
-    runtime: Runtime = "torch"
+    runtime: Runtime = "auto"
     threads: Annotated[int, Meta(ge=1)] | None = None
     batch_size: Annotated[int, Meta(ge=1, le=65536)] = 32
     batch_tokens: Annotated[int, Meta(ge=16, le=16_777_216)] | None = None

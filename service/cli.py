@@ -72,8 +72,8 @@ def add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", help="auto (default: bf16 on CPUs with AMX/AVX-512 BF16 and on CUDA, fp16 on older CUDA, else fp32), "
                    "fp32, bf16, fp16; checked against fp32 at load (cosine >= 0.9999) or it falls back to fp32")
     g.add_argument("--threads", help="torch threads (default: the cores this process may use)")
-    g.add_argument("--runtime", help="torch (default) or openvino (pip install 'embedlift[openvino]'; the transformer compiled "
-                   "for the CPU, checked against torch fp32 at load)")
+    g.add_argument("--runtime", help="auto (default: openvino on a CPU where it is installed, else torch), torch, or openvino "
+                   "(pip install 'embedlift[openvino]'; the transformer compiled for the CPU, checked against torch fp32 at load)")
     g.add_argument("--batch-size", help="inputs per forward pass at most (default 32)")
     g.add_argument("--batch-tokens", help="padded tokens per forward pass at most (default 4096 on a CPU, 32768 on a GPU)")
     g.add_argument("--window-tokens", help="tokens per window of a long text (default: the model's limit)")

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests that compare vectors exactly (batch == single, the server's == the library's) pin fp32: bf16 results
 # depend on padding. Subprocess servers and CLI runs inherit this; tests/test_precision.py tests the others.
 os.environ.setdefault("EMBEDLIFT_PRECISION", "fp32")
+os.environ.setdefault("EMBEDLIFT_RUNTIME", "torch")  # likewise: OpenVINO's fp32 is within 1e-7 of torch's, not equal
 
 REPO = Path(__file__).resolve().parents[1]
 LYFT = Path(os.environ.get("EMBEDLIFT_LYFT_DATA", REPO.parent / "shared" / "data" / "lyft_2021_10k" / "train_dataset.json"))
@@ -27,7 +28,7 @@ def minilm():
     """The packaged all-MiniLM-L6-v2 as a LocalEncoder (no cache), in fp32."""
     from embedlift.models.encoders import LocalEncoder
 
-    return LocalEncoder(precision="fp32")
+    return LocalEncoder(precision="fp32", runtime="torch")
 
 
 @pytest.fixture(scope="session")

@@ -40,15 +40,15 @@ def test_encode_is_normalised_float32(minilm):
 def test_fingerprint_is_stable_and_path_free(minilm):
     from embedlift.models.encoders import default_model_path
 
-    again = LocalEncoder(default_model_path(), precision="fp32")  # the same weights, loaded by path
+    again = LocalEncoder(default_model_path(), precision="fp32", runtime="torch")  # the same weights, loaded by path
     assert again.fingerprint == minilm.fingerprint
     assert str(default_model_path()) not in minilm.fingerprint
     assert minilm.fingerprint.startswith("all-MiniLM-L6-v2:")
 
 
 def test_fingerprint_changes_with_prompts():
-    prompted = LocalEncoder(query_prompt="Represent this question for retrieval: ", precision="fp32")
-    plain = LocalEncoder(precision="fp32")
+    prompted = LocalEncoder(query_prompt="Represent this question for retrieval: ", precision="fp32", runtime="torch")
+    plain = LocalEncoder(precision="fp32", runtime="torch")
     assert prompted.fingerprint != plain.fingerprint
     q = prompted.encode(["revenue growth"], "query")
     d = prompted.encode(["revenue growth"], "document")
@@ -79,7 +79,7 @@ def test_second_run_never_runs_the_model(minilm, tmp_path):
 
 
 def test_cache_key_includes_the_prompt(tmp_path):
-    prompted = LocalEncoder(query_prompt="query: ", precision="fp32")
+    prompted = LocalEncoder(query_prompt="query: ", precision="fp32", runtime="torch")
     cached = CachedEncoder(prompted, EmbeddingCache(tmp_path / "c.sqlite3"))
     q = cached.encode(["net income"], "query")
     d = cached.encode(["net income"], "document")

@@ -76,7 +76,7 @@ def test_finetune_writes_a_model_usable_as_base(finetuned, minilm):
     assert info["improved"] and info["best_step"] > 0
     assert info["val"]["mrr@10"] > info["base_val"]["mrr@10"]
     assert len(info["history"]) >= 2 and all("mrr@10" in h for h in info["history"])  # evaluated during training
-    tuned = LocalEncoder(finetuned, precision="fp32")
+    tuned = LocalEncoder(finetuned, precision="fp32", runtime="torch")
     assert tuned.dim == minilm.dim and tuned.fingerprint != minilm.fingerprint
     v = tuned.encode(["Which colour was assigned to project Oak?"], "query")
     assert v.shape == (1, minilm.dim) and abs(float(np.linalg.norm(v)) - 1) < 1e-4
@@ -160,7 +160,7 @@ def test_serving_a_finetuned_base_reindexes_collections_in_the_background(finetu
         assert done["done"] == done["total"] == len(docs)
         assert done["result"]["previous_base"] == minilm.fingerprint
 
-        tuned = LocalEncoder(finetuned, precision="fp32")
+        tuned = LocalEncoder(finetuned, precision="fp32", runtime="torch")
         info = httpx.get(f"{url}/collections/facts").json()
         assert info["status"] == "ready" and info["base_fingerprint"] == tuned.fingerprint and info["documents"] == len(docs)
         hits = httpx.post(f"{url}/collections/facts/search", json={"query": "the assigned colour is teal", "k": 3}).json()

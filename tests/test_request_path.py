@@ -53,7 +53,7 @@ def test_token_batches_fill_a_budget_of_padded_tokens():
 
 
 def test_an_input_is_tokenised_once_and_gets_sentence_transformers_vectors(minilm, reference, lyft):
-    encoder = LocalEncoder(precision="fp32", query_prompt="query: ", batch_tokens=1024)
+    encoder = LocalEncoder(precision="fp32", runtime="torch", query_prompt="query: ", batch_tokens=1024)
     counting = encoder.tokenizer = CountingTokenizer(encoder.tokenizer)
     models_own = CountingTokenizer(None)  # sentence-transformers' own tokenising (encode -> preprocess) never runs
 
@@ -126,6 +126,8 @@ def test_openvino_runs_within_the_bound_and_starts_from_its_cache(tmp_path, mini
         windows = [t[a:b] for t in texts for a, b in encoder.split([t], "document")[0]]
         assert min_cosine(minilm.encode(windows, "document"), encoder.encode(windows, "document")) >= MIN_COSINE
     assert again.precision == "bf16" and again.spec.runtime == "openvino" and again.describe()["precision_fidelity"] >= MIN_COSINE
+    default = LocalEncoder(compiled_dir=tmp_path)  # runtime auto: OpenVINO on a CPU where it is installed
+    assert default.runtime == "openvino" and default.fingerprint == minilm.fingerprint
 
 
 @needs_openvino

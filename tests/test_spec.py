@@ -86,7 +86,7 @@ def test_the_packaged_model_has_one_name_and_its_fingerprint_never_moved(minilm)
     assert canonical_model(None) == canonical_model(str(default_model_path())) == DEFAULT_BASE
     assert minilm.fingerprint == MINILM_FINGERPRINT
     assert minilm.spec == BaseSpec(model=DEFAULT_BASE, query_prompt="", document_prompt="", max_seq_length=256,
-                                   device="cpu", precision="fp32", batch_size=32, batch_tokens=4096,
+                                   device="cpu", precision="fp32", runtime="torch", batch_size=32, batch_tokens=4096,
                                    window_tokens=252, window_stride=189)
     assert load_base(BaseSpec(model=str(default_model_path()))).fingerprint == MINILM_FINGERPRINT
 
@@ -100,7 +100,7 @@ def test_a_checkpoint_from_before_specs_still_loads_and_explains_a_mismatch(mini
     (path / "config.json").write_text(json.dumps(config))
     assert read_config(path).base.spec is None
     load_checkpoint(path, expected=base_info(minilm))
-    prompted = load_base(BaseSpec(query_prompt="query: ", precision="fp32"))
+    prompted = load_base(BaseSpec(query_prompt="query: ", precision="fp32", runtime="torch"))
     with pytest.raises(BaseMismatchError) as err:
         load_checkpoint(path, expected=base_info(prompted))
     assert "query_prompt: '' vs 'query: '" in err.value.message
@@ -182,7 +182,7 @@ def test_an_adapter_trained_with_a_prompt_is_served_without_repeating_it(lyft_sl
         r = httpx.post(f"{url}/embed", json={"input": "How many riders did Lyft have?"})
         assert r.status_code == 200, r.text
         assert r.json()["adapter"] == "p@1"
-        prompted = load_base(BaseSpec(query_prompt="query: ", precision="fp32"))
+        prompted = load_base(BaseSpec(query_prompt="query: ", precision="fp32", runtime="torch"))
         expected = load_checkpoint(adapters / "p").adapter.transform(prompted.encode(["How many riders did Lyft have?"], "query"))
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], expected[0], atol=1e-5)
     finally:
@@ -191,11 +191,11 @@ def test_an_adapter_trained_with_a_prompt_is_served_without_repeating_it(lyft_sl
     assert "base settings taken from adapter p: " in log and "--query-prompt 'query: '" in log
 
     # started again without --adapter (the app in process): the remembered active adapter decides the base
-    with app_client(tmp_path / "data", adapters, base=BaseSpec(precision="fp32")) as client:
+    with app_client(tmp_path / "data", adapters, base=BaseSpec(precision="fp32", runtime="torch")) as client:
         assert client.get("/adapters").json()["active"] == "p@1"
 
     # a server given another prompt explicitly: the adapter is refused, saying what differs and how to serve it
-    with app_client(tmp_path / "data2", tmp_path / "none", base=BaseSpec(query_prompt="", precision="fp32")) as client:
+    with app_client(tmp_path / "data2", tmp_path / "none", base=BaseSpec(query_prompt="", precision="fp32", runtime="torch")) as client:
         r = client.post("/adapters?name=p", content=tar_of(adapters / "p"), headers={"Content-Type": "application/x-tar"})
         assert r.status_code == 409, r.text
         detail = r.json()["detail"]
