@@ -34,7 +34,7 @@ RUN --mount=type=secret,id=ca \
     set -e; \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt; \
-    /opt/embedlift/bin/pip install -c /tmp/constraints.txt "/src[openvino]"; \
+    /opt/embedlift/bin/pip install -c /tmp/constraints.txt "/src[openvino,postgres]"; \
     HF_HUB_OFFLINE=1 /opt/embedlift/bin/python -c "from embedlift.models.encoders import LocalEncoder; print(LocalEncoder().fingerprint)"
 
 # ---------------------------------------------------------------------------------------------- runtime

@@ -467,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="service state: base-embedding cache, collections (default ./data)")
     s.add_argument("--adapters-dir", help="adapter checkpoints, one sub-directory each (default ./adapters)")
     s.add_argument("--datasets-dir", help="stored evaluation datasets for POST /eval dataset_name (default DATA_DIR/datasets)")
+    s.add_argument("--store", help="collections in PostgreSQL + pgvector, shared by every replica: postgresql://USER[:PASSWORD]@HOST:PORT/DB "
+                   "(prefer EMBEDLIFT_STORE: flags show in `ps`); default: the embedded store under --data-dir")
+    s.add_argument("--store-pool", help="connections to the store at most (default 10)")
+    s.add_argument("--store-timeout", help="seconds a request waits for the store before a 503 (default 5)")
     s.add_argument("--adapter", help="adapter to activate at start")
     s.add_argument("--api-key", help="Bearer key for read routes (prefer EMBEDLIFT_API_KEY: flags show in `ps`)")
     s.add_argument("--admin-key", help="Bearer key for mutating routes (prefer EMBEDLIFT_ADMIN_KEY)")

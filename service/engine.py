@@ -36,6 +36,8 @@ from embedlift.service import limits, metrics
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
 from embedlift.service.collections import Collection, CollectionManager, Filter, check_name, reindex, valid_name
 from embedlift.service.collections.collection import Found, SearchPlan
+from embedlift.service.collections.postgres import PostgresHome
+from embedlift.service.database import Database, open_store
 from embedlift.service.jobs import Job, JobRunner, JobStore
 from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter, RegistryFile, RegistryStateStore
 from embedlift.service.schemas import (
@@ -177,6 +179,7 @@ class Engine:
         self.jobs = JobRunner(jobs)
         self.admission = Admission(s.max_concurrent)
         self.base_fusion: LearnedFusion | None = base_fusion(base.spec)  # a fine-tuned base's fitted alpha
+        self.database: Database | None = None  # the shared store, when collections live in PostgreSQL
         registry.on_change = self._prepare_views
         metrics.track_engine(self)
 
@@ -189,10 +192,13 @@ class Engine:
         bulk_cache = EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
         if base.needs_dim and (known := bulk_cache.dim_of(base.fingerprint)):
             base.set_dim(known)  # a remote base's dimension without a probe call
-        collections = CollectionManager(settings.data_dir / "collections", base.fingerprint, base.dim, base.spec)
+        database = open_store(settings)
+        home = PostgresHome(database) if database is not None else settings.data_dir / "collections"
+        collections = CollectionManager(home, base.fingerprint, base.dim, base.spec)
         collections.load_all()
         registry = AdapterRegistry(settings.adapters_dir, state, base_info(base))
         engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache)
+        engine.database = database
         registry.load(settings.adapter)
         if watch and settings.watch_interval > 0:
             registry.watch(settings.watch_interval)
@@ -203,6 +209,8 @@ class Engine:
         self.jobs.shutdown()
         self.batcher.close()
         self.collections.close()
+        if self.database is not None:
+            self.database.close()
         if isinstance(self.bulk_encoder.cache, EmbeddingCache):
             self.bulk_encoder.cache.close()
 
@@ -342,26 +350,28 @@ class Engine:
             self.collections.create, name, s.index, hnsw_m=s.hnsw_m, ef_search=s.ef_search, ef_construction=s.ef_construction,
             lexical=s.lexical_settings(), alpha=s.alpha,
         )
-        return self.collection_info(name), created
+        return await self._offload(self.collection_info, name), created
 
     async def delete_collection(self, name: str) -> None:
         await self._offload(self.collections.delete, name)
 
     async def get_document(self, name: str, doc_id: str) -> StoredDocument:
-        found = await self._offload(self.collection(name).get, doc_id)
+        collection = await self._offload(self.collection, name)
+        found = await self._offload(collection.get, doc_id)
         if found is None:
             raise NotFoundError(f"no document {doc_id!r} in collection {name!r}")
         return found
 
     async def delete_documents(self, name: str, ids: Sequence[str]) -> DeleteResponse:
         """Delete documents by id; ids not in the collection are listed in ``missing``."""
-        missing = await self._offload(self.collection(name).delete, ids)
+        collection = await self._offload(self.collection, name)
+        missing = await self._offload(collection.delete, ids)
         return DeleteResponse(deleted=len(set(ids)) - len(set(missing)), missing=missing)
 
     async def upsert(self, name: str, documents: Sequence[Document]) -> UpsertResponse | Job:
         """Insert or replace documents; past ``sync_upsert_documents`` documents it runs as a background job."""
         limits.check_documents(documents, self.settings)
-        self.collection(name)  # 404/409 before any work
+        await self._offload(self.collection, name)  # 404/409 before any work
         if len(documents) > self.settings.sync_upsert_documents:
             return self.jobs.submit("upsert", lambda job: self._upsert(name, documents, job), total=len(documents))
         return await self._offload(self._upsert, name, documents, model=True)
@@ -410,12 +420,16 @@ class Engine:
         texts = [queries] if isinstance(queries, str) else list(queries)
         limits.check_texts(texts, self.settings, "query" if single else "queries")
         limits.check_search(k, offset, alpha, self.settings)
-        collection = self.collection(name)
         chosen = self.resolve(adapter)
-        plan = SearchPlan(
-            k=k, offset=offset, mode=mode or ("hybrid" if collection.lexical_status == "ready" else "dense"), fusion=fusion,
-            alpha=alpha if alpha is not None else self.fusion_for(collection, chosen).alpha, threshold=threshold, where=where,
-        )
+
+        def plan_for(collection: Collection) -> SearchPlan:  # reads the store (a database round trip on PostgreSQL)
+            return SearchPlan(
+                k=k, offset=offset, mode=mode or ("hybrid" if collection.lexical_status == "ready" else "dense"), fusion=fusion,
+                alpha=alpha if alpha is not None else self.fusion_for(collection, chosen).alpha, threshold=threshold, where=where,
+            )
+
+        collection = await self._offload(self.collection, name)
+        plan = await self._offload(plan_for, collection)
         label, view_adapter = (chosen.label, chosen.checkpoint.adapter) if chosen else (BASE, None)
         with self.admission:
             vectors = await self._query_vectors(texts, chosen) if collection.dense_needed(texts, plan.mode) else None
@@ -512,8 +526,8 @@ class Engine:
         else:
             if not request.queries or not request.relevant_docs:
                 raise InvalidInputError("with `collection`, send `queries` ({id: text}) and `relevant_docs` ({id: [document ids]})")
-            collection = self.collection(request.collection)
-            size = len(request.queries) + collection.counts()[0]
+            collection = await self._offload(self.collection, request.collection)
+            size = len(request.queries) + (await self._offload(collection.counts))[0]
             lexical = collection.config.lexical
             embed = functools.partial(self._embed_collection, request.collection, request.queries, request.relevant_docs)
         if request.mode == "hybrid" and lexical is None:

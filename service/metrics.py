@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from embedlift.models.errors import UnavailableError
+
 if TYPE_CHECKING:
     from embedlift.service.engine import Engine
 
@@ -53,7 +55,10 @@ class EngineCollector(Collector):
         yield adapter
         docs = GaugeMetricFamily("embedlift_collection_documents", "Documents per collection", labels=["collection"])
         for c in engine.collections.all():
-            docs.add_metric([c.name], c.counts()[0])
+            try:
+                docs.add_metric([c.name], c.counts()[0])
+            except UnavailableError:  # the store is down: /ready says so; the rest of the metrics still answer
+                continue
         yield docs
 
 

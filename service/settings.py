@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta
 
+from embedlift.models.errors import InvalidInputError
 from embedlift.models.options import SettingError, env_name, read_fields
 from embedlift.models.spec import BaseSpec
 
@@ -32,6 +33,11 @@ class Settings:
         host: Interface to bind.
         port: Port to bind.
         data_dir: Where the service keeps its state (base-embedding cache, collections, registry).
+        store: Where collections live: ``postgresql://USER[:PASSWORD]@HOST:PORT/DB`` (PostgreSQL 14+ with
+            pgvector 0.8+, shared by every replica pointed at it), or ``None`` for the embedded store under
+            ``data_dir``. Never shown with its password.
+        store_pool: Connections to the store at most.
+        store_timeout: Seconds a request waits for the store before it answers 503 (with Retry-After).
         adapters_dir: Directory of adapter checkpoints (one sub-directory each).
         datasets_dir: Stored evaluation datasets (``NAME.json``) that ``POST /eval`` may name as
             ``dataset_name`` (default ``data_dir/datasets``); nothing outside it is read.
@@ -66,6 +72,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65535)] = 8080
     data_dir: Path = Path("data")
+    store: str | None = field(default=None, repr=False)  # may hold a password
+    store_pool: Positive = 10
+    store_timeout: Annotated[float, Meta(gt=0)] = 5.0
     adapters_dir: Path = Path("adapters")
     datasets_dir: Path | None = None
     adapter: str | None = None
@@ -91,6 +100,15 @@ class Settings:
     cors_origins: str | None = None
 
     def __post_init__(self) -> None:
+        if self.store is not None:
+            try:
+                from embedlift.service.database import check_url
+
+                check_url(self.store)
+            except ImportError:
+                raise SettingError(f"{env_name('store')}: a PostgreSQL store needs the driver: pip install 'embedlift[postgres]'") from None
+            except InvalidInputError as exc:
+                raise SettingError(f"{env_name('store')} / --store: {exc.message}") from None
         if self.max_queued_inputs < self.max_batch_inputs:
             raise SettingError(
                 f"{env_name('max_queued_inputs')}={self.max_queued_inputs} is less than {env_name('max_batch_inputs')}="

@@ -81,3 +81,69 @@ def remote(tmp_path_factory):
     proc, url = start_server(root / "data", root / "adapters", "--watch-interval", "0")
     yield url
     assert stop_server(proc) == 0
+
+
+# ----------------------------------------------------------------------------------- collection stores
+#: The collection-store contract suite runs on each of these (tests that take ``homes`` are parametrized).
+STORES = ["embedded", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 18 with pgvector on 127.0.0.1 for the session (``tests/pgserver.py``)."""
+    from tests.pgserver import LocalPostgres
+
+    pg = LocalPostgres().start()
+    yield pg
+    pg.close()
+
+
+class Homes:
+    """Collection managers over one home of a kind (a directory, or a fresh PostgreSQL database); each call is
+    a new process's view of the same home (what a restart, or another replica, sees)."""
+
+    def __init__(self, kind: str, path: Path, pg=None) -> None:
+        import uuid
+
+        self.kind, self.path, self._dbs = kind, path, []
+        self.url = pg.create_database(f"t_{uuid.uuid4().hex[:12]}") if kind == "postgres" else None
+
+    def home(self):
+        if self.kind == "embedded":
+            return self.path
+        from embedlift.service.collections.postgres import PostgresHome
+        from embedlift.service.database import Database
+
+        db = Database(self.url).open()
+        self._dbs.append(db)
+        return PostgresHome(db)
+
+    def __call__(self, fingerprint: str, dim: int, spec=None):
+        from embedlift.service.collections import CollectionManager
+
+        manager = CollectionManager(self.home(), fingerprint, dim, spec)
+        manager.load_all()
+        return manager
+
+    def close(self) -> None:
+        for db in self._dbs:
+            db.close()
+
+
+def _homes(request, path: Path) -> Homes:
+    return Homes(request.param, path, request.getfixturevalue("postgres") if request.param == "postgres" else None)
+
+
+@pytest.fixture(params=STORES)
+def homes(request, tmp_path):
+    """``homes(fingerprint, dim, spec)``: a loaded ``CollectionManager`` over this test's store, once per kind."""
+    h = _homes(request, tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.fixture(params=STORES, scope="module")
+def module_homes(request, tmp_path_factory):
+    h = _homes(request, tmp_path_factory.mktemp("homes"))
+    yield h
+    h.close()

@@ -1,4 +1,5 @@
-"""Collections without HTTP: the real model, real FAISS and real SQLite files, checked against brute force."""
+"""Collections without HTTP: the real model on each store (SQLite files with FAISS, and a real PostgreSQL with
+pgvector: tests that take ``homes`` run on both), checked against brute force."""
 
 from __future__ import annotations
 
@@ -55,9 +56,8 @@ def brute_force(encoder, items, query, k):
 
 
 @pytest.mark.parametrize("index", ["flat", "hnsw"])
-def test_search_matches_brute_force_one_hit_per_document(encoder, tmp_path, index):
-    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
-    manager.load_all()
+def test_search_matches_brute_force_one_hit_per_document(encoder, homes, index):
+    manager = homes(encoder.fingerprint, encoder.dim)
     c, created = manager.create("docs", index)
     assert created
     items = corpus() + [("long", LONG, {"topic": "long"})]
@@ -74,9 +74,8 @@ def test_search_matches_brute_force_one_hit_per_document(encoder, tmp_path, inde
     assert 0 <= a < b <= len(LONG) and long_hit.text == LONG  # the best window's span, whole text returned
 
 
-def test_filter_upsert_replace_delete(encoder, tmp_path):
-    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
-    manager.load_all()
+def test_filter_upsert_replace_delete(encoder, homes):
+    manager = homes(encoder.fingerprint, encoder.dim)
     c, _ = manager.create("docs")
     c.upsert(documents(encoder, corpus()))
     q, _ = embed_pooled(encoder, ["revenue growth"], "query")
@@ -115,25 +114,22 @@ def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):
     assert c.base_index.ntotal == 12  # the graph was rebuilt without the deleted ids
 
 
-def test_restart_serves_the_same_documents(encoder, tmp_path):
-    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
-    manager.load_all()
+def test_restart_serves_the_same_documents(encoder, homes):
+    manager = homes(encoder.fingerprint, encoder.dim)
     c, _ = manager.create("docs")
     c.upsert(documents(encoder, corpus()))
     c.delete(["doc-3"])
     q, _ = embed_pooled(encoder, ["bike rentals"], "query")
     before = [(h.id, h.score) for h in dense(c, q, 10)[0]]
     manager.close()
-    again = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
-    again.load_all()
+    again = homes(encoder.fingerprint, encoder.dim)
     c2 = again.get("docs")
     after = [(h.id, h.score) for h in dense(c2, q, 10)[0]]
     assert after == before and c2.counts() == (39, 39)
 
 
-def test_names_conflicts_and_unknown(encoder, tmp_path):
-    manager = CollectionManager(tmp_path, encoder.fingerprint, encoder.dim)
-    manager.load_all()
+def test_names_conflicts_and_unknown(encoder, homes, tmp_path):
+    manager = homes(encoder.fingerprint, encoder.dim)
     for bad in ["../x", ".hidden", "a/b", ""]:
         with pytest.raises(InvalidInputError, match="invalid collection name"):
             manager.create(bad)
@@ -144,7 +140,8 @@ def test_names_conflicts_and_unknown(encoder, tmp_path):
     with pytest.raises(NotFoundError, match="unknown collection 'b'"):
         manager.get("b")
     manager.delete("a")
-    assert manager.names() == [] and not any(tmp_path.iterdir())
+    assert manager.names() == [] and homes(encoder.fingerprint, encoder.dim).names() == []
+    assert not any(tmp_path.iterdir())  # nothing left behind in the directory (the embedded store's home)
 
 
 def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
@@ -190,18 +187,15 @@ class FailingEncoder:
         return self.inner.encode(texts, role)
 
 
-def test_a_failed_reindex_leaves_the_last_good_state(encoder, tmp_path):
+def test_a_failed_reindex_leaves_the_last_good_state(encoder, homes):
     """Staged windows are swapped in by one transaction: a re-index that dies after some batches leaves the
     old vectors and base; the next one completes and serves."""
-    from embedlift.service.collections import STORE_FILE, SQLiteStore, reindex
+    from embedlift.service.collections import reindex
 
-    root = tmp_path / "collections"
-    other = CollectionManager(root, "other-model:0123456789abcdef", encoder.dim)
-    other.load_all()
+    other = homes("other-model:0123456789abcdef", encoder.dim)
     c, _ = other.create("docs")
     c.upsert(documents(encoder, corpus(12)))
-    other.close()
-    store = SQLiteStore(root / "docs" / STORE_FILE)
+    store = other.open_store("docs")
     before = store.iter_windows().__next__()
     with pytest.raises(RuntimeError, match="killed mid re-index"):
         reindex(store, FailingEncoder(encoder, fail_at=2), batch=4)
@@ -213,8 +207,8 @@ def test_a_failed_reindex_leaves_the_last_good_state(encoder, tmp_path):
     assert config.base_fingerprint == encoder.fingerprint and windows == 12
     assert progress == [(0, 12), (4, 12), (8, 12), (12, 12)]
     store.close()
-    manager = CollectionManager(root, encoder.fingerprint, encoder.dim)
-    manager.load_all()
+    other.close()
+    manager = homes(encoder.fingerprint, encoder.dim)
     q, _ = embed_pooled(encoder, ["insurance costs"], "query")
     assert [h.id for h in dense(manager.get("docs"), q, 3)[0]] == brute_force(encoder, corpus(12), "insurance costs", 3)[0]
 
@@ -224,8 +218,14 @@ CRASHER = textwrap.dedent(
     import sys, numpy as np
     from pathlib import Path
     from embedlift.service.collections import CollectionManager, NewDocument
-    root, dim = Path(sys.argv[1]), 8
-    m = CollectionManager(root, "fake:0", dim); m.load_all()
+    where, dim = sys.argv[1], 8
+    if where.startswith("postgresql://"):
+        from embedlift.service.collections.postgres import PostgresHome
+        from embedlift.service.database import Database
+        home = PostgresHome(Database(where).open())
+    else:
+        home = Path(where)
+    m = CollectionManager(home, "fake:0", dim); m.load_all()
     c = m.get("docs")
     rng = np.random.default_rng(0)
     for batch in range(10_000):
@@ -237,14 +237,13 @@ CRASHER = textwrap.dedent(
 )
 
 
-def test_a_crash_mid_write_keeps_every_acknowledged_write(tmp_path):
+def test_a_crash_mid_write_keeps_every_acknowledged_write(homes, tmp_path):
     """SIGKILL a process that upserts in a loop: every batch it acknowledged is there, whole, and nothing
     half-written is (each document has all of its windows)."""
-    m = CollectionManager(tmp_path, "fake:0", 8)
-    m.load_all()
+    m = homes("fake:0", 8)
     m.create("docs")
     m.close()
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, homes.url or str(tmp_path)], stdout=subprocess.PIPE, text=True)
     acked = -1
     for line in proc.stdout:
         acked = int(line.split()[1])
@@ -252,15 +251,16 @@ def test_a_crash_mid_write_keeps_every_acknowledged_write(tmp_path):
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    m = CollectionManager(tmp_path, "fake:0", 8)
-    m.load_all()
+    m = homes("fake:0", 8)
     c = m.get("docs")
     docs, windows = c.counts()
     assert docs >= 50 * (acked + 1) and docs % 50 == 0  # whole batches only
     assert windows == 2 * docs
     for batch in range(acked + 1):
         assert c.store.get(f"b{batch}-49") is not None
-    assert c.base_index.ntotal == windows
+    assert sum(len(k) for k, _ in c.store.iter_windows()) == windows
+    if homes.kind == "embedded":
+        assert c.base_index.ntotal == windows
 
 
 def test_auto_index_turns_to_hnsw_past_the_threshold_and_keeps_every_write(encoder, tmp_path, monkeypatch):
@@ -291,3 +291,44 @@ def test_auto_index_turns_to_hnsw_past_the_threshold_and_keeps_every_write(encod
     c2 = reopened.get("grow")
     assert c2.kind == "hnsw"
     assert [h.id for h in dense(c2, q, 5)[0]] == expected
+
+
+@pytest.mark.parametrize("homes", ["postgres"], indirect=True)
+def test_auto_index_on_postgres_searches_exactly_while_small_then_on_hnsw(encoder, homes, monkeypatch):
+    """On PostgreSQL ``auto`` scans exactly below the threshold and uses pgvector's HNSW index past it; a
+    filter still finds ``k`` documents (iterative scan) and results equal brute force's on this small set."""
+    from embedlift.service.collections import postgres
+
+    monkeypatch.setattr(postgres, "AUTO_HNSW_WINDOWS", 30)
+    manager = homes(encoder.fingerprint, encoder.dim)
+    c, _ = manager.create("grow")
+    items = corpus(40)
+    c.upsert(documents(encoder, items[:20]))
+    assert c.kind == "flat"
+    c.upsert(documents(encoder, items[20:]))
+    assert c.kind == "hnsw"
+    q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
+    assert [h.id for h in dense(c, q, 5)[0]] == brute_force(encoder, items, "autonomous vehicles", 5)[0]
+    only = [i for i in items if i[2]["topic"] == "insurance costs"]
+    hits = dense(c, q, 5, where={"topic": "insurance costs"})[0]
+    assert [h.id for h in hits] == brute_force(encoder, only, "autonomous vehicles", 5)[0]
+
+
+def test_a_collection_on_another_base_is_reindexed_through_the_manager(encoder, homes):
+    """The server's path (POST /collections/{c}/reindex): claim, re-embed, swap, serve; on both stores."""
+    from embedlift.service.collections import reindex
+
+    other = homes("other-model:0123456789abcdef", encoder.dim)
+    c, _ = other.create("docs")
+    c.upsert(documents(encoder, corpus(10)))
+    other.close()
+    manager = homes(encoder.fingerprint, encoder.dim)
+    assert "docs" in manager.mismatched()
+    with pytest.raises(ConflictError, match="other-model"):
+        manager.get("docs")
+    store = manager.claim_reindex("docs")
+    reindex(store, encoder, batch=4)
+    served = manager.finish_reindex("docs")
+    q, _ = embed_pooled(encoder, ["insurance costs"], "query")
+    assert [h.id for h in dense(served, q, 3)[0]] == brute_force(encoder, corpus(10), "insurance costs", 3)[0]
+    assert [h.id for h in dense(homes(encoder.fingerprint, encoder.dim).get("docs"), q, 3)[0]] == [h.id for h in dense(served, q, 3)[0]]

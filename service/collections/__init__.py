@@ -4,9 +4,12 @@ indexes derived from them.
 - ``base``: the two interfaces, ``CollectionStore`` (persistence) and ``CollectionIndex`` (search), and the types
   they exchange.
 - ``sqlite``: the embedded store, one SQLite file per collection.
+- ``postgres``: the shared store (``--store postgresql://...``), PostgreSQL with pgvector, which searches itself
+  (dense, lexical, filters in SQL), so every replica sees every write at once. Imported on demand (its driver
+  is the ``postgres`` extra).
 - ``faiss_index``: in-memory dense search with FAISS (exact or HNSW), derived from a store.
 - ``collection``: one collection's store and indexes kept consistent; re-indexing onto another base.
-- ``manager``: every collection of a data directory (create, delete, damaged and mismatched ones).
+- ``manager``: every collection of a home, a data directory or a database (create, delete, damaged and mismatched ones).
 - ``names``: the naming rule collections, adapters and datasets share.
 """
 

@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from embedlift.models.lexical import LexicalSettings
+from embedlift.models.lexical import Analyzer, LexicalSettings
 from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span, WindowedVectors
 from embedlift.service.schemas import IndexKind, StoredDocument
@@ -221,6 +221,20 @@ class CollectionStore(ABC):
     def mark_postings(self, analyzer: str | None) -> None:
         """Record that every window's postings were made with ``analyzer`` (``None``: clear them all)."""
 
+    # The indexes that serve searches: derived in process memory (FAISS, BM25 arrays) from what the store holds,
+    # unless the store searches itself (PostgreSQL), where every replica sees every write at once.
+    def dense_index(self, config: CollectionConfig) -> CollectionIndex:
+        """The base vectors' dense index, loaded."""
+        from embedlift.service.collections.faiss_index import FaissIndex
+
+        return FaissIndex(self, config).load()
+
+    def lexical_index(self, analyzer: Analyzer) -> LexicalIndex:
+        """The lexical index for ``analyzer``, loaded (``status`` says whether the postings are complete)."""
+        from embedlift.service.collections.lexical_index import MemoryLexicalIndex
+
+        return MemoryLexicalIndex(self, analyzer).load()
+
     @abstractmethod
     def check(self) -> None:
         """Raise if the store fails its integrity check (run at start, so damage is found with its name)."""
@@ -268,6 +282,10 @@ class LexicalIndex(ABC):
 
     #: ``building`` (dense search serves meanwhile) or ``ready``.
     status: str
+    @property
+    @abstractmethod
+    def windows(self) -> int:
+        """Windows indexed so far (for messages while building)."""
 
     @abstractmethod
     def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:

@@ -34,13 +34,13 @@ from embedlift.service.collections.base import (
     CollectionIndex,
     CollectionStore,
     Filter,
+    LexicalIndex,
     NewDocument,
     Selection,
     WindowTerms,
 )
 from embedlift.service.collections.faiss_index import FaissIndex
 from embedlift.service.collections.filters import parse
-from embedlift.service.collections.lexical_index import MemoryLexicalIndex
 from embedlift.service.schemas import HitScores, SearchHit, StoredDocument
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Collection:
         self._write_lock = threading.Lock()
         self._indexes: dict[str, CollectionIndex] = {}
         self.analyzer = analyzer(config.lexical.language) if config.lexical is not None else None
-        self.lexical_index: MemoryLexicalIndex | None = None
+        self.lexical_index: LexicalIndex | None = None
         self._building: threading.Thread | None = None
 
     @property
@@ -95,13 +95,13 @@ class Collection:
     def load(self, *, build: bool = True) -> Collection:
         """Build the indexes from the store (at start-up); a lexical index whose postings are incomplete (or made
         by another analyzer) is built in the background when ``build``."""
-        self._indexes = {BASE_VIEW: FaissIndex(self.store, self.config).load()}
+        self._indexes = {BASE_VIEW: self.store.dense_index(self.config)}
         if self.analyzer is not None:
             state = self.store.postings_state()
             if state is not None and state != self.analyzer.version:
                 logger.info("collection %s: postings made by analyzer %s, not %s; rebuilding", self.name, state, self.analyzer.version)
                 self.store.mark_postings(None)
-            self.lexical_index = MemoryLexicalIndex(self.store, self.analyzer).load()
+            self.lexical_index = self.store.lexical_index(self.analyzer)
             if self.lexical_index.status != "ready" and build:
                 self._building = threading.Thread(target=self._build_lexical, name=f"lexical-{self.name}", daemon=True)
                 self._building.start()

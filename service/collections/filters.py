@@ -11,7 +11,7 @@ type with the same type (``true`` is not ``1``, ``1`` equals ``1.0``); ``$ne`` a
 without the key; ``$exists: true`` matches a key that is present (its value may be null).
 
 ``parse`` checks a filter and turns it into a small tree, refusing bad input with a 400 that names the field
-and the allowed values; ``to_sql`` compiles the tree for SQLite's JSON functions; ``matches`` evaluates it in
+and the allowed values; ``to_sql`` compiles the tree for SQLite's JSON functions, ``to_postgres`` for JSONB; ``matches`` evaluates it in
 Python (the reference the store is tested against, and what a store without SQL would use).
 """
 
@@ -195,5 +195,44 @@ def to_sql(node: Node, metadata_column: str = "d.metadata") -> tuple[str, list[A
     if not node.parts:
         return "1", []
     parts = [to_sql(p, metadata_column) for p in node.parts]
+    joiner = " AND " if node.logic == "$and" else " OR "
+    return "(" + joiner.join(p[0] for p in parts) + ")", [x for p in parts for x in p[1]]
+
+
+# --------------------------------------------------------------------------------------------- postgresql
+def _pg_equal(value: Any, m: str, key: str) -> tuple[str, list[Any]]:
+    """``stored == value`` in JSON's terms over a JSONB column. Equality of a string, number or boolean is
+    containment (``@>``), which the column's GIN index serves; jsonb compares numbers by value and never
+    equates ``true`` with ``1``."""
+    if value is None:
+        return f"({m} -> %s IS NULL OR {m} -> %s = 'null'::jsonb)", [key, key]
+    from psycopg.types.json import Jsonb
+
+    return f"{m} @> %s", [Jsonb({key: value})]
+
+
+def _pg_condition(c: Condition, m: str) -> tuple[str, list[Any]]:
+    if c.op in ("$eq", "$ne", "$in", "$nin"):
+        clauses, params = [], []
+        for v in c.value if c.op in ("$in", "$nin") else (c.value,):
+            clause, extra = _pg_equal(v, m, c.key)
+            clauses.append(f"COALESCE({clause}, false)")
+            params += extra
+        expr = "(" + " OR ".join(clauses) + ")"
+        return (f"NOT {expr}" if c.op in ("$ne", "$nin") else expr), params
+    if c.op == "$exists":
+        return (f"({m} ? %s)" if c.value else f"NOT ({m} ? %s)"), [c.key]
+    sign = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}[c.op]
+    # CASE keeps the cast from running on a value of another type (SQL does not promise AND's order)
+    return f"COALESCE(CASE WHEN jsonb_typeof({m} -> %s) = 'number' THEN ({m} ->> %s)::numeric {sign} %s END, false)", [c.key, c.key, c.value]
+
+
+def to_postgres(node: Node, metadata_column: str = "d.metadata") -> tuple[str, list[Any]]:
+    """A PostgreSQL boolean expression over the JSONB metadata column, and its (``%s``) parameters."""
+    if isinstance(node, Condition):
+        return _pg_condition(node, metadata_column)
+    if not node.parts:
+        return "true", []
+    parts = [to_postgres(p, metadata_column) for p in node.parts]
     joiner = " AND " if node.logic == "$and" else " OR "
     return "(" + joiner.join(p[0] for p in parts) + ")", [x for p in parts for x in p[1]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Controller, Response, delete, get, post, put
 from litestar.params import FromPath, JSONBody
 
@@ -41,11 +43,11 @@ class CollectionsController(Controller):
     @get("/", opt=READ, responses=errors(401, 403, 503))
     async def list_collections(self, engine: EngineDep) -> CollectionList:
         """Every collection with its counts; one built with another base shows ``status: base_mismatch``."""
-        return CollectionList(collections=engine.collections_info())
+        return CollectionList(collections=await asyncio.to_thread(engine.collections_info))
 
     @get("/{name:str}", opt=READ, responses=errors(401, 403, 404, 503))
     async def get_collection(self, name: NamePath, engine: EngineDep) -> CollectionInfo:
-        return engine.collection_info(name)
+        return await asyncio.to_thread(engine.collection_info, name)
 
     @delete("/{name:str}", opt=ADMIN, status_code=204, responses=errors(401, 403, 404, 503))
     async def delete_collection(self, name: NamePath, engine: EngineDep) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Controller, Response, get
 from litestar.response import Redirect
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -28,7 +30,10 @@ class OpsController(Controller):
 
     @get("/ready", responses=errors(503))
     async def ready(self, engine: EngineDep) -> Health:
-        """200 once the model, adapters and collections are loaded, 503 until then."""
+        """200 once the model, adapters and collections are loaded and the store (when it is PostgreSQL)
+        answers; 503 otherwise, so a load balancer sends traffic elsewhere while the database is down."""
+        if engine.database is not None:
+            await asyncio.to_thread(engine.database.ping)
         return Health(status="ok")
 
 

@@ -1,0 +1,556 @@
+"""Collections in PostgreSQL with pgvector: the store every replica shares (``--store postgresql://...``).
+
+Each collection is a row of ``embedlift.collections`` (its config, counts and lexical statistics) and four
+tables of its own, named by its id (so a name never reaches SQL, and a deleted then re-created name is new):
+
+- ``c<id>_docs``: ``seq`` (the document key, from one sequence, never reused), id, text, metadata (JSONB, with
+  a GIN index: equality and ``$exists`` filters are containment and key tests it serves).
+- ``c<id>_windows``: the window key (``seq << 16 | window``), span, length in terms, and the base vector as
+  ``vector(d)`` with an HNSW index (inner product). Searches run exact (a sequential scan) for ``index: flat``
+  and for ``auto`` below ``AUTO_HNSW_WINDOWS``, on the HNSW index otherwise; with a filter,
+  ``hnsw.iterative_scan`` keeps scanning the graph until ``k`` documents pass it.
+- ``c<id>_postings``: ``(term, window key, tf, length)``, the lexical index, scored in SQL with the same BM25
+  as ``models/lexical.py`` (Lucene's idf and length normalisation over the windows that have postings; the
+  collection's row keeps their count and total length), so both stores rank alike.
+
+Dense and lexical search keep one hit per document (its best window) in SQL. Every write is one transaction
+that first locks the collection's row (writes to one collection are serialised across replicas) and is
+acknowledged after commit. Nothing lives in process memory but the pool, so a write through one replica is
+searched through every other at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
+from embedlift.models.lexical import B, K1, Analyzer
+from embedlift.models.spec import BaseSpec
+from embedlift.models.windows import Span, WindowedVectors
+from embedlift.service.collections.base import (
+    WINDOW_BITS,
+    Candidates,
+    Changes,
+    CollectionConfig,
+    CollectionIndex,
+    CollectionStore,
+    Filter,
+    LexicalIndex,
+    Metadata,
+    NewDocument,
+    Postings,
+    Selection,
+    WindowTerms,
+    window_keys,
+)
+from embedlift.service.collections.faiss_index import AUTO_HNSW_WINDOWS  # the same threshold on both stores
+from embedlift.service.collections.filters import parse, to_postgres
+from embedlift.service.database import SCHEMA, Database
+from embedlift.service.schemas import StoredDocument
+
+logger = logging.getLogger(__name__)
+MASK = (1 << WINDOW_BITS) - 1
+
+
+def _array(value: Any) -> np.ndarray:
+    """A ``vector`` value as float32 (pgvector returns numpy arrays, or ``Vector`` from a binary cursor)."""
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, np.float32)
+
+
+def _tables(cid: int) -> dict[str, str]:
+    return {t: f"{SCHEMA}.c{cid}_{t}" for t in ("docs", "windows", "postings", "windows_staged", "postings_staged")}
+
+
+def _no_nul(doc: NewDocument) -> None:
+    """PostgreSQL text and JSONB cannot hold U+0000: refuse it with the document's name (SQLite stores it)."""
+    if "\x00" in doc.text or "\\u0000" in json.dumps(doc.metadata):
+        raise InvalidInputError(f"document {doc.id!r} contains the character U+0000, which PostgreSQL cannot store; remove it")
+
+
+class PostgresHome:
+    """The collections of one database (``CollectionManager``'s home when ``--store`` is set)."""
+
+    shared = True
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.where = db.where
+
+    def tidy(self) -> None:
+        """Nothing to tidy: a create or delete is one transaction."""
+
+    def where_of(self, name: str) -> str:
+        return f"{self.where} (collection {name!r})"
+
+    def names(self) -> list[str]:
+        with self.db.transaction() as conn:
+            return [r[0] for r in conn.execute(f"SELECT name FROM {SCHEMA}.collections ORDER BY name")]
+
+    def token(self, name: str) -> tuple[int, int] | None:
+        """``(id, version)`` of the collection now (``None``: there is none): what a replica compares to know
+        that another one deleted, re-created, re-indexed or re-analysed it."""
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT id, version FROM {SCHEMA}.collections WHERE name = %s", (name,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def open(self, name: str) -> PostgresStore:
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT id FROM {SCHEMA}.collections WHERE name = %s", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown collection {name!r}")
+        return PostgresStore(self.db, row[0], name)
+
+    def create(self, config: CollectionConfig, postings: str | None) -> None:
+        """The collection's row and tables in one transaction (a concurrent create of the same name loses
+        with a conflict)."""
+        import psycopg
+
+        try:
+            with self.db.transaction() as conn:
+                cid = conn.execute(
+                    f"INSERT INTO {SCHEMA}.collections (name, config, postings) VALUES (%s, %s, %s) RETURNING id",
+                    (config.name, msgspec.json.encode(config).decode(), postings),
+                ).fetchone()[0]
+                t = _tables(cid)
+                conn.execute(f"""
+                    CREATE TABLE {t['docs']} (
+                        seq bigint PRIMARY KEY DEFAULT nextval('{SCHEMA}.document_keys'),
+                        id text NOT NULL UNIQUE, text text NOT NULL, metadata jsonb NOT NULL);
+                    CREATE INDEX ON {t['docs']} USING gin (metadata);
+                    CREATE TABLE {t['windows']} (
+                        key bigint PRIMARY KEY, seq bigint NOT NULL REFERENCES {t['docs']} (seq) ON DELETE CASCADE,
+                        start integer NOT NULL, "end" integer NOT NULL, terms integer, embedding vector({int(config.dim)}) NOT NULL);
+                    CREATE INDEX ON {t['windows']} (seq);
+                    CREATE TABLE {t['postings']} (
+                        term text NOT NULL, key bigint NOT NULL REFERENCES {t['windows']} (key) ON DELETE CASCADE,
+                        tf real NOT NULL, length real NOT NULL, PRIMARY KEY (term, key));
+                    CREATE INDEX ON {t['postings']} (key);
+                """)
+                if config.index != "flat":
+                    _create_hnsw(conn, cid, config)
+        except psycopg.errors.UniqueViolation:
+            raise ConflictError(f"collection {config.name!r} was just created by another replica; GET it") from None
+
+    def delete(self, name: str) -> None:
+        with self.db.transaction() as conn:
+            row = conn.execute(f"DELETE FROM {SCHEMA}.collections WHERE name = %s RETURNING id", (name,)).fetchone()
+            if row is None:
+                return
+            t = _tables(row[0])
+            conn.execute(f"DROP TABLE IF EXISTS {t['postings']}, {t['windows']}, {t['docs']}, {t['postings_staged']}, {t['windows_staged']}")
+
+
+def _create_hnsw(conn: Any, cid: int, config: CollectionConfig) -> None:
+    conn.execute(
+        f"CREATE INDEX c{cid}_hnsw ON {_tables(cid)['windows']} USING hnsw (embedding vector_ip_ops) "
+        f"WITH (m = {int(config.hnsw_m)}, ef_construction = {int(config.ef_construction)})"
+    )
+
+
+class PostgresStore(CollectionStore):
+    """One collection's tables; every public method is one transaction on a pooled connection."""
+
+    def __init__(self, db: Database, cid: int, name: str) -> None:
+        self.db, self.cid, self.name = db, cid, name
+        self.t = _tables(cid)
+        self.where = f"{db.where} (collection {name!r}, tables {SCHEMA}.c{cid}_*)"
+        self._vocabulary: dict[str, int] = {}
+
+    # the collection's row ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Any]:
+        """A write transaction holding the collection's row lock (writes to one collection are serialised)."""
+        with self.db.transaction() as conn:
+            if conn.execute(f"SELECT 1 FROM {SCHEMA}.collections WHERE id = %s FOR UPDATE", (self.cid,)).fetchone() is None:
+                raise NotFoundError(f"collection {self.name!r} was deleted")
+            yield conn
+
+    def read_config(self) -> CollectionConfig:
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"collection {self.name!r} was deleted")
+        return msgspec.json.decode(row[0], type=CollectionConfig)
+
+    def write_config(self, config: CollectionConfig) -> None:
+        with self._write() as conn:
+            conn.execute(
+                f"UPDATE {SCHEMA}.collections SET config = %s, version = version + 1 WHERE id = %s",
+                (msgspec.json.encode(config).decode(), self.cid),
+            )
+
+    def count(self) -> tuple[int, int]:
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT documents, windows FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def check(self) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(f"SELECT 1 FROM {self.t['docs']} LIMIT 1")
+            conn.execute(f"SELECT 1 FROM {self.t['windows']} LIMIT 1")
+
+    def close(self) -> None:
+        """Nothing of its own to close: the pool is the database's."""
+
+    # writes --------------------------------------------------------------------------------------------
+    def _remove(self, conn: Any, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Delete documents by id (windows and postings cascade), updating the counts; the removed window keys
+        and the ids that were not there."""
+        t = self.t
+        rows = conn.execute(f"SELECT seq, id FROM {t['docs']} WHERE id = ANY(%s)", (list(ids),)).fetchall()
+        present = {r[1] for r in rows}
+        if not rows:
+            return np.zeros(0, np.int64), [i for i in ids if i not in present]
+        seqs = [r[0] for r in rows]
+        stats = conn.execute(
+            f"SELECT count(*), count(terms), coalesce(sum(terms), 0) FROM {t['windows']} WHERE seq = ANY(%s)", (seqs,)
+        ).fetchone()
+        keys = conn.execute(f"SELECT key FROM {t['windows']} WHERE seq = ANY(%s) ORDER BY key", (seqs,)).fetchall()
+        conn.execute(f"DELETE FROM {t['docs']} WHERE seq = ANY(%s)", (seqs,))
+        conn.execute(
+            f"UPDATE {SCHEMA}.collections SET documents = documents - %s, windows = windows - %s, "
+            "lexical_windows = lexical_windows - %s, lexical_length = lexical_length - %s WHERE id = %s",
+            (len(seqs), stats[0], stats[1], stats[2], self.cid),
+        )
+        return np.array([k for (k,) in keys], dtype=np.int64), [i for i in ids if i not in present]
+
+    def upsert(self, docs: Sequence[NewDocument]) -> Changes:
+        for doc in docs:
+            _no_nul(doc)
+        latest = list({d.id: d for d in docs}.values())  # an id given twice: the last one wins, as one by one
+        t = self.t
+        with self._write() as conn:
+            removed, _ = self._remove(conn, [d.id for d in latest])
+            rows = conn.execute(
+                f"INSERT INTO {t['docs']} (id, text, metadata) SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[]) RETURNING id, seq",
+                ([d.id for d in latest], [d.text for d in latest], [json.dumps(d.metadata, ensure_ascii=False) for d in latest]),
+            ).fetchall()
+            seq_of = dict(rows)
+            added = [(window_keys(seq_of[d.id], len(d.spans)), d.vectors) for d in latest]
+            lexical = [0, 0]
+            with conn.cursor().copy(f'COPY {t["windows"]} (key, seq, start, "end", terms, embedding) FROM STDIN (FORMAT BINARY)') as copy:
+                copy.set_types(["int8", "int8", "int4", "int4", "int4", "vector"])
+                for doc, (keys, vectors) in zip(latest, added, strict=True):
+                    for w, ((a, b), vector) in enumerate(zip(doc.spans, vectors, strict=True)):
+                        length = doc.terms[w].length if doc.terms is not None else None
+                        copy.write_row((int(keys[w]), seq_of[doc.id], a, b, length, np.asarray(vector, np.float32)))
+            postings = [self._postings_of(keys, doc.terms) for doc, (keys, _) in zip(latest, added, strict=True) if doc.terms is not None]
+            if postings:
+                lexical = self._copy_postings(conn, t["postings"], postings)
+            conn.execute(
+                f"UPDATE {SCHEMA}.collections SET documents = documents + %s, windows = windows + %s, "
+                "lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s",
+                (len(latest), sum(len(d.spans) for d in latest), lexical[0], lexical[1], self.cid),
+            )
+        return Changes(removed=removed, added=added, postings=None)
+
+    def _postings_of(self, keys: np.ndarray, windows: Sequence[WindowTerms]) -> list[tuple[int, WindowTerms]]:
+        return [(int(k), w) for k, w in zip(keys, windows, strict=True)]
+
+    def _copy_postings(self, conn: Any, table: str, per_doc: list[list[tuple[int, WindowTerms]]]) -> list[int]:
+        """COPY every window's postings into ``table``; ``[windows, total length]`` written."""
+        windows = length = 0
+        with conn.cursor().copy(f"COPY {table} (term, key, tf, length) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "int8", "float4", "float4"])
+            for doc in per_doc:
+                for key, terms in doc:
+                    windows += 1
+                    length += terms.length
+                    for term, tf in terms.counts.items():
+                        copy.write_row((term, key, float(tf), float(terms.length)))
+        return [windows, length]
+
+    def delete(self, ids: Sequence[str]) -> tuple[Changes, list[str]]:
+        with self._write() as conn:
+            removed, missing = self._remove(conn, ids)
+        return Changes(removed=removed), missing
+
+    # reads ---------------------------------------------------------------------------------------------
+    def get(self, doc_id: str) -> StoredDocument | None:
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                f"SELECT d.id, d.text, d.metadata, (SELECT count(*) FROM {self.t['windows']} w WHERE w.seq = d.seq) "
+                f"FROM {self.t['docs']} d WHERE d.id = %s",
+                (doc_id,),
+            ).fetchone()
+        return None if row is None else StoredDocument(id=row[0], text=row[1], metadata=row[2], windows=row[3])
+
+    def documents(self, keys: Sequence[int]) -> dict[int, tuple[str, str, Metadata]]:
+        if not len(keys):
+            return {}
+        with self.db.transaction() as conn:
+            rows = conn.execute(f"SELECT seq, id, text, metadata FROM {self.t['docs']} WHERE seq = ANY(%s)", ([int(k) for k in keys],))
+            return {seq: (doc_id, text, meta) for seq, doc_id, text, meta in rows}
+
+    def spans(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Span]:
+        if not keys:
+            return {}
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                f'SELECT key, start, "end" FROM {self.t["windows"]} WHERE key = ANY(%s)', ([(s << WINDOW_BITS) + w for s, w in keys],)
+            )
+            return {(k >> WINDOW_BITS, k & MASK): (a, b) for k, a, b in rows}
+
+    def matching(self, where: Filter) -> np.ndarray:
+        clause, params = to_postgres(parse(where))
+        with self.db.transaction() as conn:
+            rows = conn.execute(f"SELECT w.key FROM {self.t['windows']} w JOIN {self.t['docs']} d ON d.seq = w.seq WHERE {clause}", params)
+            return np.array([k for (k,) in rows], dtype=np.int64)
+
+    def iter_windows(self, chunk: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with self.db.transaction() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            with conn.cursor(name="windows") as cur:
+                cur.itersize = chunk
+                cur.execute(f"SELECT key, embedding FROM {self.t['windows']} ORDER BY key")
+                while rows := cur.fetchmany(chunk):
+                    yield np.array([r[0] for r in rows], np.int64), np.stack([_array(r[1]) for r in rows])
+
+    def all_documents(self) -> tuple[list[str], list[str], WindowedVectors]:
+        with self.db.transaction() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            docs = conn.execute(f"SELECT seq, id, text FROM {self.t['docs']} ORDER BY seq").fetchall()
+            rows = conn.execute(f'SELECT seq, start, "end", embedding FROM {self.t["windows"]} ORDER BY key').fetchall()
+        position = {seq: i for i, (seq, _, _) in enumerate(docs)}
+        dim = self.read_config().dim
+        vectors = np.stack([_array(r[3]) for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        windowed = WindowedVectors(
+            vectors=vectors, owner=np.array([position[r[0]] for r in rows], dtype=np.int64), spans=[(r[1], r[2]) for r in rows], n_docs=len(docs)
+        )
+        return [d[1] for d in docs], [d[2] for d in docs], windowed
+
+    def texts(self) -> list[tuple[int, str]]:
+        with self.db.transaction() as conn:
+            return [(s, x) for s, x in conn.execute(f"SELECT seq, text FROM {self.t['docs']} ORDER BY seq")]
+
+    # re-index ------------------------------------------------------------------------------------------
+    def start_staging(self) -> None:
+        t = self.t
+        with self._write() as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {t['windows_staged']}, {t['postings_staged']}")
+            conn.execute(
+                f'CREATE TABLE {t["windows_staged"]} (key bigint PRIMARY KEY, seq bigint NOT NULL, start integer NOT NULL, '
+                f'"end" integer NOT NULL, terms integer, embedding vector NOT NULL)'
+            )
+            conn.execute(f"CREATE TABLE {t['postings_staged']} (term text NOT NULL, key bigint NOT NULL, tf real NOT NULL, length real NOT NULL)")
+
+    def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray, list[WindowTerms] | None]]) -> None:
+        t = self.t
+        with self.db.transaction() as conn:
+            with conn.cursor().copy(f'COPY {t["windows_staged"]} (key, seq, start, "end", terms, embedding) FROM STDIN (FORMAT BINARY)') as copy:
+                copy.set_types(["int8", "int8", "int4", "int4", "int4", "vector"])
+                for seq, spans, vectors, terms in per_doc:
+                    for w, ((a, b), v) in enumerate(zip(spans, vectors, strict=True)):
+                        copy.write_row(((seq << WINDOW_BITS) + w, seq, a, b, terms[w].length if terms is not None else None, np.asarray(v, np.float32)))
+            postings = [self._postings_of(window_keys(seq, len(spans)), terms) for seq, spans, _, terms in per_doc if terms is not None]
+            if postings:
+                self._copy_postings(conn, t["postings_staged"], postings)
+
+    def swap_staged(self, fingerprint: str, dim: int, base: BaseSpec | None = None) -> CollectionConfig:
+        t = self.t
+        with self._write() as conn:
+            config = msgspec.json.decode(
+                conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()[0], type=CollectionConfig
+            )
+            conn.execute(f"DELETE FROM {t['windows']}")  # postings cascade
+            if dim != config.dim:
+                conn.execute(f"ALTER TABLE {t['windows']} ALTER COLUMN embedding TYPE vector({int(dim)})")
+            conn.execute(f'INSERT INTO {t["windows"]} (key, seq, start, "end", terms, embedding) SELECT key, seq, start, "end", terms, embedding FROM {t["windows_staged"]} WHERE seq IN (SELECT seq FROM {t["docs"]})')
+            conn.execute(f"INSERT INTO {t['postings']} SELECT p.* FROM {t['postings_staged']} p JOIN {t['windows']} w ON w.key = p.key")
+            conn.execute(f"DROP TABLE {t['windows_staged']}, {t['postings_staged']}")
+            new = msgspec.structs.replace(config, base_fingerprint=fingerprint, dim=dim, base=base)
+            conn.execute(
+                f"UPDATE {SCHEMA}.collections c SET config = %s, version = version + 1, windows = s.n, lexical_windows = s.lexical, "
+                f"lexical_length = s.length FROM (SELECT count(*) AS n, count(terms) AS lexical, coalesce(sum(terms), 0) AS length "
+                f"FROM {t['windows']}) s WHERE c.id = %s",
+                (msgspec.json.encode(new).decode(), self.cid),
+            )
+        return new
+
+    # postings ------------------------------------------------------------------------------------------
+    def vocabulary(self) -> dict[str, int]:
+        """Term ids as ``iter_postings`` numbered them (this store keeps terms as text)."""
+        return self._vocabulary
+
+    def iter_postings(self, chunk: int = 20_000) -> Iterator[Postings]:
+        with self.db.transaction() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            windows = conn.execute(f"SELECT key, terms FROM {self.t['windows']} WHERE terms IS NOT NULL ORDER BY key").fetchall()
+            rows = conn.execute(f"SELECT key, term, tf FROM {self.t['postings']} ORDER BY key").fetchall()
+        position = {k: i for i, (k, _) in enumerate(windows)}
+        ids = self._vocabulary
+        for i in range(0, len(windows), chunk):
+            part = windows[i : i + chunk]
+            lo, hi = part[0][0], part[-1][0]
+            mine = [r for r in rows if lo <= r[0] <= hi]
+            yield Postings(
+                keys=np.array([k for k, _ in part], np.int64), lengths=np.array([n for _, n in part], np.float32),
+                window_of=np.array([position[k] - i for k, _, _ in mine], np.int64),
+                term_ids=np.array([ids.setdefault(term, len(ids)) for _, term, _ in mine], np.int64),
+                tfs=np.array([tf for _, _, tf in mine], np.float32),
+            )
+
+    def postings_state(self) -> str | None:
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT postings FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
+        return None if row is None else row[0]
+
+    def mark_postings(self, analyzer: str | None) -> None:
+        with self._write() as conn:
+            if analyzer is None:
+                conn.execute(f"DELETE FROM {self.t['postings']}")
+                conn.execute(f"UPDATE {self.t['windows']} SET terms = NULL WHERE terms IS NOT NULL")
+                conn.execute(f"UPDATE {SCHEMA}.collections SET lexical_windows = 0, lexical_length = 0 WHERE id = %s", (self.cid,))
+            conn.execute(f"UPDATE {SCHEMA}.collections SET postings = %s, version = version + 1 WHERE id = %s", (analyzer, self.cid))
+
+    def missing_postings(self, limit: int) -> list[tuple[int, str, list[Span]]]:
+        t = self.t
+        with self.db.transaction() as conn:
+            docs = conn.execute(
+                f"SELECT d.seq, d.text FROM {t['docs']} d WHERE EXISTS (SELECT 1 FROM {t['windows']} w WHERE w.seq = d.seq AND w.terms IS NULL) "
+                "ORDER BY d.seq LIMIT %s", (min(limit, 500),),
+            ).fetchall()
+            rows = conn.execute(f'SELECT seq, start, "end" FROM {t["windows"]} WHERE seq = ANY(%s) ORDER BY key', ([s for s, _ in docs],)).fetchall()
+        spans: dict[int, list[Span]] = {seq: [] for seq, _ in docs}
+        for seq, a, b in rows:
+            spans[seq].append((a, b))
+        return [(seq, text, spans[seq]) for seq, text in docs]
+
+    def add_postings(self, per_doc: Sequence[tuple[int, list[WindowTerms]]]) -> Postings:
+        t = self.t
+        with self._write() as conn:  # another replica building the same postings waits, then skips what it finds
+            todo = {r[0] for r in conn.execute(
+                f"SELECT DISTINCT seq FROM {t['windows']} WHERE seq = ANY(%s) AND terms IS NULL", ([s for s, _ in per_doc],)
+            )}
+            chosen = [(seq, windows) for seq, windows in per_doc if seq in todo]
+            if chosen:
+                conn.execute(
+                    f"UPDATE {t['windows']} w SET terms = v.terms FROM unnest(%s::bigint[], %s::int[]) AS v(key, terms) WHERE w.key = v.key",
+                    ([int(k) for seq, ws in chosen for k in window_keys(seq, len(ws))], [w.length for _, ws in chosen for w in ws]),
+                )
+                written = self._copy_postings(conn, t["postings"], [self._postings_of(window_keys(seq, len(ws)), ws) for seq, ws in chosen])
+                conn.execute(
+                    f"UPDATE {SCHEMA}.collections SET lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s",
+                    (written[0], written[1], self.cid),
+                )
+        return Postings.empty()
+
+    # the indexes that search this store ---------------------------------------------------------------
+    def dense_index(self, config: CollectionConfig) -> CollectionIndex:
+        return PostgresIndex(self, config)
+
+    def lexical_index(self, analyzer: Analyzer) -> LexicalIndex:
+        return PostgresLexicalIndex(self, analyzer)
+
+
+def _filter_sql(selection: Selection | None) -> tuple[str, list[Any]]:
+    """The filter as a condition on the documents (aliased ``d``) and its parameters; ``""`` for none."""
+    if selection is None or selection.where is None:
+        return "", []
+    clause, params = to_postgres(parse(selection.where))
+    return clause, params
+
+
+class PostgresIndex(CollectionIndex):
+    """Dense search in SQL: pgvector's HNSW index (or an exact scan) over the windows, the best window per
+    document kept in SQL. Nothing to apply: every replica reads the same table."""
+
+    def __init__(self, store: PostgresStore, config: CollectionConfig) -> None:
+        self.store, self.config = store, config
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]  # the base class's attribute, computed here
+        """``flat`` (an exact scan) or ``hnsw``: by the collection's setting, and its size for ``auto``."""
+        if self.config.index == "auto":
+            return "hnsw" if self.store.count()[1] >= AUTO_HNSW_WINDOWS else "flat"
+        return self.config.index
+
+    def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+        t = self.store.t
+        kind = self.kind
+        clause, params = _filter_sql(selection)
+        join = f"JOIN {t['docs']} d ON d.seq = w.seq WHERE {clause}" if clause else ""
+        out: list[Candidates] = []
+        with self.store.db.transaction() as conn:
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(self.config.ef_search), 1)}")
+            if kind == "flat":
+                conn.execute("SET LOCAL enable_indexscan = off")  # exact: a scan of every window
+            elif clause:
+                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")  # keep scanning until enough pass
+            for q in np.asarray(queries, np.float32):
+                m = max(4 * n, 16)
+                while True:
+                    rows = conn.execute(
+                        f"""WITH nn AS MATERIALIZED (
+                                SELECT w.key, w.embedding <#> %s AS distance FROM {t['windows']} w {join}
+                                ORDER BY w.embedding <#> %s LIMIT %s),
+                            best AS (SELECT DISTINCT ON (key >> {WINDOW_BITS}) key, distance FROM nn ORDER BY key >> {WINDOW_BITS}, distance, key)
+                            SELECT key, distance, (SELECT count(*) FROM nn) FROM best ORDER BY distance, key LIMIT %s""",
+                        [q, *params, q, m, n],
+                    ).fetchall()
+                    if len(rows) >= n or not rows or rows[0][2] < m:  # enough documents, or every window seen
+                        break
+                    m *= 4
+                out.append({int(k) >> WINDOW_BITS: (-float(d), int(k) & MASK) for k, d, _ in rows})
+        return out
+
+
+class PostgresLexicalIndex(LexicalIndex):
+    """BM25 in SQL over the postings table, with ``models/lexical.py``'s formula; the best window per document."""
+
+    def __init__(self, store: PostgresStore, analyzer: Analyzer) -> None:
+        self.store, self.analyzer = store, analyzer
+        self._ready = False
+
+    @property
+    def status(self) -> str:
+        """``ready`` once the store says every window's postings were made with this analyzer (another
+        replica may be the one building them)."""
+        if not self._ready:
+            self._ready = self.store.postings_state() == self.analyzer.version
+        return "ready" if self._ready else "building"
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self._ready = value == "ready"
+
+    @property
+    def windows(self) -> int:
+        with self.store.db.transaction() as conn:
+            row = conn.execute(f"SELECT lexical_windows FROM {SCHEMA}.collections WHERE id = %s", (self.store.cid,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:
+        t = self.store.t
+        clause, params = _filter_sql(selection)
+        join = f"JOIN {t['docs']} d ON d.seq = p.key >> {WINDOW_BITS} WHERE {clause}" if clause else ""
+        out: list[Candidates] = []
+        with self.store.db.transaction() as conn:
+            for terms in queries:
+                if not terms:
+                    out.append({})
+                    continue
+                rows = conn.execute(
+                    f"""WITH q AS (SELECT term, count(*) AS times FROM unnest(%s::text[]) AS term GROUP BY term),
+                        stats AS (SELECT lexical_windows::float8 AS n, greatest(lexical_length::float8 / greatest(lexical_windows, 1), 1e-9) AS avg
+                                  FROM {SCHEMA}.collections WHERE id = %s),
+                        df AS (SELECT p.term, count(*)::float8 AS df FROM {t['postings']} p JOIN q USING (term) GROUP BY p.term),
+                        scored AS (
+                            SELECT p.key, sum(q.times * ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
+                                              * p.tf / (p.tf + {K1} * (1 - {B} + {B} * p.length / s.avg))) AS score
+                            FROM {t['postings']} p JOIN q USING (term) JOIN df USING (term) CROSS JOIN stats s {join}
+                            GROUP BY p.key),
+                        best AS (SELECT DISTINCT ON (key >> {WINDOW_BITS}) key, score FROM scored WHERE score > 0
+                                 ORDER BY key >> {WINDOW_BITS}, score DESC, key)
+                        SELECT key, score FROM best ORDER BY score DESC, key LIMIT %s""",
+                    [list(terms), self.store.cid, *params, n],
+                ).fetchall()
+                out.append({int(k) >> WINDOW_BITS: (float(s), int(k) & MASK) for k, s in rows})
+        return out

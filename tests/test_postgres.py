@@ -1,0 +1,141 @@
+"""The PostgreSQL store behind real servers: replicas sharing one database, a database outage under load, the
+store URL's password kept out of everything a user can see. (The store contract itself runs on both stores in
+test_collections.py and test_lexical.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.helpers import HASHING, run_cli, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+PASSWORD = "s3cret-Pw-9f2"
+
+
+def with_password(url: str) -> str:
+    """The same database with a password in the URL (the test server trusts loopback, so it is accepted
+    whatever it is: what is tested is that it never shows)."""
+    return url.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")
+
+
+def docs(n: int, prefix: str = "d") -> list[dict]:
+    topics = ["revenue growth", "driver pay", "insurance reserves", "scooter fleet"]
+    return [{"id": f"{prefix}{i}", "text": f"Note {i} on {topics[i % 4]} in region {i % 3}.", "metadata": {"topic": topics[i % 4], "i": i}} for i in range(n)]
+
+
+@pytest.fixture
+def replicas(postgres, tmp_path):
+    """Three `embedlift serve` processes on 127.0.0.1 sharing one fresh database (each its own data dir)."""
+    url = with_password(postgres.create_database(f"r_{uuid.uuid4().hex[:10]}"))
+    procs, urls = [], []
+    try:
+        for i in range(3):
+            proc, base = start_server(tmp_path / f"data{i}", tmp_path / "adapters", "--base", HASHING, "--watch-interval", "0",
+                                      env={"EMBEDLIFT_STORE": url})
+            procs.append(proc)
+            urls.append(base)
+        yield urls
+    finally:
+        for proc in procs:
+            stop_server(proc)
+        for proc in procs:
+            log = proc.stdout.read() if proc.stdout else ""
+            assert PASSWORD not in log
+
+
+def test_replicas_read_and_search_each_others_writes_at_once(replicas):
+    a, b, c = replicas
+    assert httpx.put(f"{a}/collections/notes", json={}).status_code == 201
+    assert httpx.post(f"{a}/collections/notes/documents", json={"documents": docs(40)}).status_code == 200
+    body = {"query": "insurance reserves region", "k": 5}
+    answers = [httpx.post(f"{u}/collections/notes/search", json=body).json() for u in replicas]
+    assert answers[0]["hits"] and answers[0] == answers[1] == answers[2]  # the same hits, scores and spans
+    for mode in ("dense", "lexical", "hybrid"):
+        got = [httpx.post(f"{u}/collections/notes/search", json={**body, "mode": mode, "filter": {"topic": "driver pay"}}).json() for u in replicas]
+        assert got[0] == got[1] == got[2] and {h["metadata"]["topic"] for h in got[0]["hits"]} == {"driver pay"}
+    # a write through one replica is read through the others at once
+    assert httpx.post(f"{b}/collections/notes/documents", json={"documents": [{"id": "new", "text": "A zeppelin fleet for deliveries."}]}).status_code == 200
+    assert httpx.get(f"{c}/collections/notes/documents/new").json()["text"] == "A zeppelin fleet for deliveries."
+    top = httpx.post(f"{a}/collections/notes/search", json={"query": "zeppelin deliveries", "k": 1, "mode": "lexical"}).json()["hits"]
+    assert [h["id"] for h in top] == ["new"]
+    assert httpx.get(f"{c}/collections/notes").json()["documents"] == 41
+    assert httpx.post(f"{c}/collections/notes/documents/delete", json={"ids": ["new"]}).json()["deleted"] == 1
+    assert httpx.get(f"{a}/collections/notes/documents/new").status_code == 404
+    # created, listed, deleted: every replica agrees at once
+    assert httpx.put(f"{c}/collections/other", json={"lexical": None}).status_code == 201
+    assert [x["name"] for x in httpx.get(f"{a}/collections").json()["collections"]] == ["notes", "other"]
+    assert httpx.delete(f"{b}/collections/notes").status_code == 204
+    assert httpx.post(f"{a}/collections/notes/search", json=body).status_code == 404
+    assert httpx.put(f"{a}/collections/notes", json={}).status_code == 201  # re-created: new, empty
+    assert httpx.get(f"{c}/collections/notes").json()["documents"] == 0
+
+
+def test_an_outage_is_503_with_retry_after_and_recovers_without_a_restart(tmp_path):
+    """The database stopped and started again under load: writes and searches get 503 + Retry-After naming
+    the store (never a 500, never the password), /ready is 503, /embed keeps serving; when it returns, the
+    service recovers by itself and every acknowledged write is there."""
+    from tests.pgserver import LocalPostgres
+
+    pg = LocalPostgres().start()  # its own server: this test stops it
+    proc = None
+    try:
+        url = with_password(pg.create_database("outage"))
+        proc, base = start_server(tmp_path / "data", tmp_path / "adapters", "--base", HASHING, "--watch-interval", "0",
+                                  env={"EMBEDLIFT_STORE": url, "EMBEDLIFT_STORE_TIMEOUT": "2"})
+        assert httpx.put(f"{base}/collections/c", json={}).status_code == 201
+        acked, statuses, stop = [], [], threading.Event()
+
+        def writer() -> None:
+            i = 0
+            with httpx.Client(timeout=30) as client:
+                while not stop.is_set():
+                    r = client.post(f"{base}/collections/c/documents", json={"documents": [{"id": f"w{i}", "text": f"write number {i}"}]})
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        acked.append(f"w{i}")
+                    else:
+                        assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+                    i += 1
+                    time.sleep(0.02)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        time.sleep(1.0)
+        pg.stop()
+        time.sleep(1.0)
+        down = httpx.post(f"{base}/collections/c/search", json={"query": "write", "k": 3}, timeout=30)
+        assert down.status_code == 503 and int(down.headers["Retry-After"]) >= 1
+        message = down.json()["detail"]
+        assert "postgresql://postgres@127.0.0.1" in message and PASSWORD not in message
+        assert httpx.get(f"{base}/ready", timeout=30).status_code == 503
+        assert httpx.post(f"{base}/embed", json={"input": ["still here"]}, timeout=30).status_code == 200
+        metrics = httpx.get(f"{base}/metrics", timeout=30)
+        assert metrics.status_code == 200 and PASSWORD not in metrics.text
+        pg.start()
+        deadline = time.time() + 30
+        while httpx.get(f"{base}/ready", timeout=30).status_code != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/ready").status_code == 200
+        time.sleep(1.0)
+        stop.set()
+        thread.join()
+        assert 503 in statuses and statuses[-1] == 200 and 500 not in statuses
+        for doc_id in acked:
+            assert httpx.get(f"{base}/collections/c/documents/{doc_id}").status_code == 200, doc_id
+        assert httpx.get(f"{base}/collections/c").json()["documents"] >= len(acked)  # a write cut off after its commit may be there unacknowledged
+    finally:
+        if proc is not None:
+            stop_server(proc)
+            assert PASSWORD not in (proc.stdout.read() if proc.stdout else "")
+        pg.close()
+
+
+def test_a_bad_store_url_is_one_line_without_the_password():
+    out = run_cli("serve", "--store", f"mysql://root:{PASSWORD}@127.0.0.1/x", "--base", HASHING)
+    assert out.returncode == 2 and "postgresql://USER[:PASSWORD]@HOST:PORT/DB" in out.stderr and PASSWORD not in out.stderr
+    assert "Traceback" not in out.stderr
