@@ -51,6 +51,25 @@ MIGRATIONS: list[str] = [
     );
     CREATE SEQUENCE {SCHEMA}.document_keys;
     """,
+    # 2: the adapter registry replicas share (service/shared_registry.py)
+    f"""
+    CREATE TABLE {SCHEMA}.adapter_versions (
+        name text NOT NULL,
+        version integer NOT NULL,
+        sha256 text NOT NULL,                       -- of config, then weights
+        config bytea NOT NULL,
+        weights bytea NOT NULL,
+        registered timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE {SCHEMA}.adapter_state (
+        id integer PRIMARY KEY CHECK (id = 1),
+        active text,
+        history jsonb NOT NULL DEFAULT '[]',
+        generation bigint NOT NULL DEFAULT 0
+    );
+    INSERT INTO {SCHEMA}.adapter_state (id) VALUES (1);
+    """,
 ]
 
 

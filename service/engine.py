@@ -38,6 +38,7 @@ from embedlift.service.collections import Collection, CollectionManager, Filter,
 from embedlift.service.collections.collection import Found, SearchPlan
 from embedlift.service.collections.postgres import PostgresHome
 from embedlift.service.database import Database, open_store
+from embedlift.service.shared_registry import DatabaseAdapters
 from embedlift.service.jobs import Job, JobRunner, JobStore
 from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter, RegistryFile, RegistryStateStore
 from embedlift.service.schemas import (
@@ -185,18 +186,22 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, watch: bool = True) -> Engine:
-        """Load the base, open the caches, registry and collections under ``data_dir``."""
+        """Load the base, open the caches, registry and collections: under ``data_dir``, or, with ``store``
+        set, the collections and the adapter registry in the shared database."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        state = RegistryFile(settings.data_dir / "registry.json")
+        database = open_store(settings)
+        shared = DatabaseAdapters(database) if database is not None else None
+        state: RegistryStateStore = shared if shared is not None else RegistryFile(settings.data_dir / "registry.json")
+        if shared is not None:
+            shared.materialise_active(settings.adapters_dir)  # so the base can take the active adapter's settings
         base = load_base(served_spec(settings, state), api_key=settings.openai_api_key, compiled_dir=settings.data_dir / "openvino")
         bulk_cache = EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
         if base.needs_dim and (known := bulk_cache.dim_of(base.fingerprint)):
             base.set_dim(known)  # a remote base's dimension without a probe call
-        database = open_store(settings)
         home = PostgresHome(database) if database is not None else settings.data_dir / "collections"
         collections = CollectionManager(home, base.fingerprint, base.dim, base.spec)
         collections.load_all()
-        registry = AdapterRegistry(settings.adapters_dir, state, base_info(base))
+        registry = AdapterRegistry(settings.adapters_dir, state, base_info(base), shared=shared)
         engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache)
         engine.database = database
         registry.load(settings.adapter)

@@ -25,12 +25,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from embedlift.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, BaseInfo, Checkpoint, atomic_write, load_checkpoint, replace_dir
 from embedlift.models.errors import CheckpointError, ConflictError, EmbedliftError, InvalidInputError, NotFoundError, TooLargeError
 from embedlift.service.collections.names import check_name
+
+if TYPE_CHECKING:
+    from embedlift.service.shared_registry import DatabaseAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +127,9 @@ class AdapterRegistry:
         base: The base in use; checkpoints trained on another are refused, naming what differs.
         on_change: Called (outside the lock) after an adapter is registered, so derived state (collection
             views of ``apply_to: both`` adapters) can be built before the adapter is activated.
+        shared: The registry replicas share (``service/shared_registry.py``): every change is written there
+            first and this registry follows it (on a notification, or every ``poll`` seconds).
+        poll: Seconds between checks of the shared registry when no notification came.
     """
 
     def __init__(
@@ -131,9 +138,17 @@ class AdapterRegistry:
         state: RegistryStateStore,
         base: BaseInfo,
         on_change: Callable[[LoadedAdapter], None] | None = None,
+        *,
+        shared: DatabaseAdapters | None = None,
+        poll: float = 5.0,
     ) -> None:
         self.adapters_dir = adapters_dir
         self.state = state
+        self.shared = shared
+        self.poll = poll
+        self._sync_lock = threading.Lock()
+        self._generation = -1
+        self._listener: threading.Thread | None = None
         self.base = base
         self.on_change = on_change
         self._lock = threading.RLock()
@@ -148,8 +163,20 @@ class AdapterRegistry:
     def load(self, override_active: str | None = None) -> None:
         """Read the state, register every valid checkpoint in the adapters directory, restore the active one.
 
-        ``override_active`` (``serve --adapter``) wins over the remembered active adapter.
+        ``override_active`` (``serve --adapter``) wins over the remembered active adapter. A shared registry
+        first follows the database (its versions written over whatever this directory held: the database is
+        the truth, and a replica that was down must not push back older files), then puts the directory's
+        new checkpoints into it, activates ``override_active`` for every replica, and listens for changes.
         """
+        if self.shared is not None:
+            self.sync()
+            self.scan()
+            if override_active is not None:
+                self.shared.activate(None if override_active == BASE else override_active)
+            self.sync()
+            self._listener = threading.Thread(target=self._listen, name="adapters-listen", daemon=True)
+            self._listener.start()
+            return
         self._state = self.state.load()
         self.scan()
         wanted = override_active if override_active is not None else self._state.active
@@ -240,9 +267,16 @@ class AdapterRegistry:
         return load_checkpoint(path, expected=self.base)
 
     def _register(self, name: str, *, bump: bool = True) -> LoadedAdapter:
-        """Load ``adapters_dir/name`` strictly (off the lock), then swap it in."""
+        """Load ``adapters_dir/name`` strictly (off the lock), then swap it in (a shared registry: store it in
+        the database, then follow the database, which loads it here and on every replica)."""
         path = self.adapters_dir / name
         checkpoint = self._load(path)
+        if self.shared is not None:
+            from embedlift.service.shared_registry import read_files
+
+            self.shared.put(name, *read_files(path))
+            self.sync()
+            return self._get(name)
         sig = signature(path)
         with self._lock:
             version = self._state.versions.get(name, 0) + (1 if bump else 0)
@@ -307,6 +341,10 @@ class AdapterRegistry:
 
     def activate(self, name: str) -> LoadedAdapter | None:
         """Make ``name`` (or ``base``) the adapter served when a request names none."""
+        if self.shared is not None:
+            self.shared.activate(None if name == BASE else name)
+            self.sync()
+            return self._active
         with self._lock:
             new = None if name == BASE else self._get(name)
             previous = self._active.name if self._active else None
@@ -319,6 +357,10 @@ class AdapterRegistry:
 
     def rollback(self) -> LoadedAdapter | None:
         """Back to the previously active adapter (skipping ones deleted since)."""
+        if self.shared is not None:
+            self.shared.rollback()
+            self.sync()
+            return self._active
         with self._lock:
             while self._state.history:
                 previous = self._state.history.pop()
@@ -332,6 +374,10 @@ class AdapterRegistry:
     def delete(self, name: str) -> None:
         """Unregister ``name`` and remove its directory (else the watcher would register it again).
         The active adapter cannot be deleted: activate another (or ``base``) first."""
+        if self.shared is not None:
+            self.shared.delete(name)
+            self.sync()
+            return
         with self._lock:
             loaded = self._get(name)
             if self._active is not None and self._active.name == name:
@@ -347,7 +393,75 @@ class AdapterRegistry:
         logger.info("adapter %s deleted", loaded.label)
 
     def _save(self) -> None:
-        self.state.save(self._state)
+        if self.shared is None:
+            self.state.save(self._state)
+
+    # ------------------------------------------------------------------------------- shared registry
+    def sync(self) -> None:
+        """Follow the shared registry: load the versions this replica lacks (their files written into the
+        adapters directory first), drop the names it no longer has, serve its active adapter."""
+        assert self.shared is not None
+        with self._sync_lock:
+            snap = self.shared.snapshot()
+            for name, (version, sha) in sorted(snap.adapters.items()):
+                current = self._adapters.get(name)
+                if current is not None and current.version == version:
+                    continue
+                if self._failed.get(name) == sha:
+                    continue
+                try:
+                    path = self.shared.materialise(self.adapters_dir, name, version)
+                    loaded = LoadedAdapter(name=name, version=version, checkpoint=self._load(path), signature=signature(path))
+                except EmbedliftError as exc:
+                    logger.warning("adapter %s@%d from the store not loaded here: %s", name, version, exc.message)
+                    self._failed[name] = sha
+                    continue
+                if self.on_change is not None:
+                    self.on_change(loaded)
+                with self._lock:
+                    self._adapters[name] = loaded
+                    self._failed.pop(name, None)
+                logger.info("adapter %s loaded from the store", loaded.label)
+            for name in sorted(set(self._adapters) - set(snap.adapters)):
+                with self._lock:
+                    del self._adapters[name]
+                path = self.adapters_dir / name
+                if path.is_dir():  # else the directory watcher would register it again
+                    trash = Path(tempfile.mkdtemp(prefix=f".{name}.deleted-", dir=self.adapters_dir))
+                    os.replace(path, trash / "ckpt")
+                    shutil.rmtree(trash, ignore_errors=True)
+                logger.info("adapter %s deleted in the store", name)
+            with self._lock:
+                active = self._adapters.get(snap.active) if snap.active else None
+                if snap.active and active is None:
+                    logger.error("the store's active adapter %r cannot be served here; serving the base", snap.active)
+                if (active.label if active else None) != (self._active.label if self._active else None):
+                    logger.info("active adapter: %s", active.label if active else BASE)
+                self._active = active
+            self._generation = snap.generation
+
+    def _listen(self) -> None:
+        """LISTEN for the shared registry's notifications on a connection of its own, syncing on each one and
+        every ``poll`` seconds (a notification sent while this replica was disconnected is not replayed)."""
+        from embedlift.service.shared_registry import CHANNEL
+
+        assert self.shared is not None
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = self.shared.db.connect()
+                conn.execute(f"LISTEN {CHANNEL}")
+                while not self._stop.is_set():
+                    if self.shared.generation() != self._generation:
+                        self.sync()
+                    self.shared.wait(conn, self.poll)
+            except Exception as exc:  # noqa: BLE001 - the database may be down: retry, the service keeps serving
+                if not self._stop.is_set():
+                    logger.warning("following the shared adapter registry: %s; retrying", getattr(exc, "message", exc))
+                    self._stop.wait(1.0)
+            finally:
+                if conn is not None:
+                    conn.close()
 
 
 MAX_UNPACKED = 4 << 30  # bytes a checkpoint upload may unpack to (a gzip bomb is refused before writing)

@@ -30,12 +30,13 @@ def docs(n: int, prefix: str = "d") -> list[dict]:
 
 @pytest.fixture
 def replicas(postgres, tmp_path):
-    """Three `embedlift serve` processes on 127.0.0.1 sharing one fresh database (each its own data dir)."""
+    """Three `embedlift serve` processes on 127.0.0.1 sharing one fresh database (each its own data and
+    adapters directories: what they share is the database alone)."""
     url = with_password(postgres.create_database(f"r_{uuid.uuid4().hex[:10]}"))
     procs, urls = [], []
     try:
         for i in range(3):
-            proc, base = start_server(tmp_path / f"data{i}", tmp_path / "adapters", "--base", HASHING, "--watch-interval", "0",
+            proc, base = start_server(tmp_path / f"data{i}", tmp_path / f"adapters{i}", "--base", HASHING, "--watch-interval", "1",
                                       env={"EMBEDLIFT_STORE": url})
             procs.append(proc)
             urls.append(base)
@@ -73,6 +74,75 @@ def test_replicas_read_and_search_each_others_writes_at_once(replicas):
     assert httpx.post(f"{a}/collections/notes/search", json=body).status_code == 404
     assert httpx.put(f"{a}/collections/notes", json={}).status_code == 201  # re-created: new, empty
     assert httpx.get(f"{c}/collections/notes").json()["documents"] == 0
+
+
+def wait_for(check, timeout: float = 10.0) -> float:
+    """Seconds until ``check()`` holds (the bound is generous; the benchmark measures the real time)."""
+    start = time.perf_counter()
+    while not check():
+        assert time.perf_counter() - start < timeout, "did not propagate in time"
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def tar_of(directory) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(directory, arcname=".")
+    return buf.getvalue()
+
+
+def test_adapters_registered_activated_and_deleted_through_one_replica_are_served_by_all(replicas, hashing, tmp_path):
+    from tests.helpers import make_adapter
+
+    a, b, c = replicas
+    upload = tar_of(make_adapter(hashing, tmp_path / "upload" / "tuned"))
+    r = httpx.post(f"{a}/adapters", content=upload, headers={"Content-Type": "application/x-tar"}, params={"name": "tuned"})
+    assert r.status_code == 201, r.text
+    for u in replicas:  # registered once, stored in the database, loaded by every replica
+        wait_for(lambda u=u: [x["name"] for x in httpx.get(f"{u}/adapters").json()["adapters"]] == ["tuned"])
+    assert httpx.post(f"{b}/adapters/tuned/activate").json()["active"] == "tuned@1"
+    for u in replicas:
+        wait_for(lambda u=u: httpx.get(f"{u}/adapters").json()["active"] == "tuned@1")
+    vectors = [httpx.post(f"{u}/embed", json={"input": ["which adapter serves me?"]}).json() for u in replicas]
+    assert vectors[0]["adapter"] == "tuned@1" and vectors[0] == vectors[1] == vectors[2]
+    # a new version of the same name through another replica
+    again = tar_of(make_adapter(hashing, tmp_path / "upload2" / "tuned", seed=1))
+    assert httpx.post(f"{c}/adapters", content=again, headers={"Content-Type": "application/x-tar"}, params={"name": "tuned"}).status_code == 201
+    for u in replicas:
+        wait_for(lambda u=u: httpx.get(f"{u}/adapters").json()["active"] == "tuned@2")
+    # two activations at once from two replicas: one winner, served by every replica
+    upload_other = tar_of(make_adapter(hashing, tmp_path / "upload3" / "other", seed=2))
+    assert httpx.post(f"{a}/adapters", content=upload_other, headers={"Content-Type": "application/x-tar"}, params={"name": "other"}).status_code == 201
+    results = {}
+    threads = [threading.Thread(target=lambda u=u, n=n: results.setdefault(u, httpx.post(f"{u}/adapters/{n}/activate").status_code))
+               for u, n in ((a, "other"), (b, "base"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results.values()) == {200}
+    wait_for(lambda: len({httpx.get(f"{u}/adapters").json()["active"] for u in replicas}) == 1)
+    winner = httpx.get(f"{a}/adapters").json()["active"]
+    assert winner in ("other@1", None)
+    # rollback and delete, through yet another replica
+    httpx.post(f"{c}/adapters/tuned/activate")
+    assert httpx.delete(f"{a}/adapters/tuned").status_code == 409  # active: refused on every replica alike
+    assert httpx.post(f"{a}/adapters/rollback").status_code == 200
+    for u in replicas:
+        wait_for(lambda u=u: httpx.get(f"{u}/adapters").json()["active"] != "tuned@2")
+    assert httpx.post(f"{b}/adapters/base/activate").status_code == 200
+    assert httpx.delete(f"{b}/adapters/tuned").status_code == 204
+    for u in replicas:
+        wait_for(lambda u=u: "tuned" not in [x["name"] for x in httpx.get(f"{u}/adapters").json()["adapters"]])
+    assert not (tmp_path / "adapters0" / "tuned").exists()  # its files are gone too (or the watcher would bring it back)
+    # a checkpoint dropped into one replica's adapters directory is registered into the database
+    make_adapter(hashing, tmp_path / "adapters2" / "dropped", seed=3)
+    for u in replicas:
+        wait_for(lambda u=u: "dropped" in [x["name"] for x in httpx.get(f"{u}/adapters").json()["adapters"]])
 
 
 def test_an_outage_is_503_with_retry_after_and_recovers_without_a_restart(tmp_path):
