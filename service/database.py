@@ -70,6 +70,23 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO {SCHEMA}.adapter_state (id) VALUES (1);
     """,
+    # 3: background jobs any replica reports on (service/shared_jobs.py)
+    f"""
+    CREATE TABLE {SCHEMA}.jobs (
+        id text PRIMARY KEY,
+        kind text NOT NULL,
+        status text NOT NULL,
+        done bigint NOT NULL DEFAULT 0,
+        total bigint NOT NULL DEFAULT 0,
+        result jsonb,
+        error text,
+        owner text NOT NULL,                        -- the replica running it
+        heartbeat timestamptz,                      -- when that replica last vouched for it
+        created timestamptz NOT NULL DEFAULT now(),
+        finished timestamptz
+    );
+    CREATE INDEX ON {SCHEMA}.jobs (owner, status);
+    """,
 ]
 
 

@@ -38,6 +38,7 @@ from embedlift.service.collections import Collection, CollectionManager, Filter,
 from embedlift.service.collections.collection import Found, SearchPlan
 from embedlift.service.collections.postgres import PostgresHome
 from embedlift.service.database import Database, open_store
+from embedlift.service.shared_jobs import DatabaseJobStore
 from embedlift.service.shared_registry import DatabaseAdapters
 from embedlift.service.jobs import Job, JobRunner, JobStore
 from embedlift.service.registry import BASE, AdapterRegistry, LoadedAdapter, RegistryFile, RegistryStateStore
@@ -202,7 +203,8 @@ class Engine:
         collections = CollectionManager(home, base.fingerprint, base.dim, base.spec)
         collections.load_all()
         registry = AdapterRegistry(settings.adapters_dir, state, base_info(base), shared=shared)
-        engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache)
+        jobs = DatabaseJobStore(database) if database is not None else None
+        engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache, jobs=jobs)
         engine.database = database
         registry.load(settings.adapter)
         if watch and settings.watch_interval > 0:

@@ -65,6 +65,9 @@ class JobStore(ABC):
     def queued(self) -> int:
         """Jobs waiting to run."""
 
+    def close(self) -> None:
+        """Stop what the store runs of its own."""
+
 
 class MemoryJobStore(JobStore):
     """Jobs in this process: the last ``keep`` finished ones and every unfinished one."""
@@ -130,8 +133,10 @@ class JobRunner:
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None:
-            raise NotFoundError(f"unknown job {job_id!r}; jobs are kept in memory until restart (the last {KEEP_FINISHED} finished)")
+            where = f"in memory until restart (the last {KEEP_FINISHED} finished)" if isinstance(self.store, MemoryJobStore) else "in the store"
+            raise NotFoundError(f"unknown job {job_id!r}; jobs are kept {where}")
         return job
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()

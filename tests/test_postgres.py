@@ -67,6 +67,14 @@ def test_replicas_read_and_search_each_others_writes_at_once(replicas):
     assert httpx.get(f"{c}/collections/notes").json()["documents"] == 41
     assert httpx.post(f"{c}/collections/notes/documents/delete", json={"ids": ["new"]}).json()["deleted"] == 1
     assert httpx.get(f"{a}/collections/notes/documents/new").status_code == 404
+    # a background job submitted to one replica is reported by every replica
+    bulk = httpx.post(f"{a}/collections/notes/documents", json={"documents": docs(300, prefix="bulk")})
+    assert bulk.status_code == 202
+    job = bulk.json()["job"]["id"]
+    wait_for(lambda: httpx.get(f"{c}/jobs/{job}").json()["status"] == "succeeded", timeout=60)
+    reports = [httpx.get(f"{u}/jobs/{job}").json() for u in replicas]
+    assert reports[0] == reports[1] == reports[2] and reports[0]["result"]["upserted"] == 300
+    assert httpx.get(f"{b}/jobs/nope").status_code == 404
     # created, listed, deleted: every replica agrees at once
     assert httpx.put(f"{c}/collections/other", json={"lexical": None}).status_code == 201
     assert [x["name"] for x in httpx.get(f"{a}/collections").json()["collections"]] == ["notes", "other"]
