@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,6 +44,17 @@ def input_key(prompt: str, text: str) -> bytes:
     h.update(b"\x00")
     h.update(text.encode())
     return h.digest()
+
+
+class VectorCache(Protocol):
+    """What ``CachedEncoder`` reads and fills: ``EmbeddingCache`` (a file), ``MemoryCache`` (bounded, in
+    memory), or the service's ``DatabaseCache`` (the PostgreSQL store a fleet shares)."""
+
+    def get_many(self, fingerprint: str, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]: ...
+    def put_many(self, fingerprint: str, items: Sequence[tuple[bytes, np.ndarray]]) -> None: ...
+    def count(self, fingerprint: str | None = None) -> int: ...
+    def dim_of(self, fingerprint: str) -> int | None: ...
+    def close(self) -> None: ...
 
 
 class EmbeddingCache:
@@ -204,7 +216,7 @@ class CachedEncoder(WrappedEncoder):
     def __init__(
         self,
         inner: Encoder,
-        cache: EmbeddingCache | MemoryCache | None,
+        cache: VectorCache | None,
         *,
         chunk_size: int = 256,
         progress: bool = True,

@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(prefer EMBEDLIFT_STORE: flags show in `ps`); default: the embedded store under --data-dir")
     s.add_argument("--store-pool", help="connections to the store at most (default 10)")
     s.add_argument("--store-timeout", help="seconds a request waits for the store before a 503 (default 5)")
+    s.add_argument("--cache-store", help="base-embedding cache of background work: local (a file under --data-dir, default) "
+                   "or store (the PostgreSQL store, shared by the fleet)")
     s.add_argument("--adapter", help="adapter to activate at start")
     s.add_argument("--api-key", help="Bearer key for read routes (prefer EMBEDLIFT_API_KEY: flags show in `ps`)")
     s.add_argument("--admin-key", help="Bearer key for mutating routes (prefer EMBEDLIFT_ADMIN_KEY)")

@@ -87,6 +87,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ON {SCHEMA}.jobs (owner, status);
     """,
+    # 4: the base-embedding cache a fleet shares (service/shared_cache.py, --cache-store store)
+    f"""
+    CREATE TABLE {SCHEMA}.base_vectors (
+        fingerprint text NOT NULL,
+        key bytea NOT NULL,
+        vector bytea NOT NULL,
+        PRIMARY KEY (fingerprint, key)
+    );
+    """,
 ]
 
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 
-from embedlift.models.cache import CachedEncoder, EmbeddingCache, MemoryCache
+from embedlift.models.cache import CachedEncoder, EmbeddingCache, MemoryCache, VectorCache
 from embedlift.models.checkpoint import CheckpointError, base_info, read_config
 from embedlift.models.encoders import Encoder, Role
 from embedlift.models.errors import InvalidInputError, NotFoundError, OverloadedError
@@ -38,6 +38,7 @@ from embedlift.service.collections import Collection, CollectionManager, Filter,
 from embedlift.service.collections.collection import Found, SearchPlan
 from embedlift.service.collections.postgres import PostgresHome
 from embedlift.service.database import Database, open_store
+from embedlift.service.shared_cache import DatabaseCache
 from embedlift.service.shared_jobs import DatabaseJobStore
 from embedlift.service.shared_registry import DatabaseAdapters
 from embedlift.service.jobs import Job, JobRunner, JobStore
@@ -165,7 +166,7 @@ class Engine:
         collections: CollectionManager | None = None,
         settings: Settings | None = None,
         *,
-        bulk_cache: EmbeddingCache | None = None,
+        bulk_cache: VectorCache | None = None,
         jobs: JobStore | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
@@ -196,7 +197,10 @@ class Engine:
         if shared is not None:
             shared.materialise_active(settings.adapters_dir)  # so the base can take the active adapter's settings
         base = load_base(served_spec(settings, state), api_key=settings.openai_api_key, compiled_dir=settings.data_dir / "openvino")
-        bulk_cache = EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
+        bulk_cache: VectorCache = (
+            DatabaseCache(database) if database is not None and settings.cache_store == "store"
+            else EmbeddingCache(settings.data_dir / "base-embeddings.sqlite3")
+        )
         if base.needs_dim and (known := bulk_cache.dim_of(base.fingerprint)):
             base.set_dim(known)  # a remote base's dimension without a probe call
         home = PostgresHome(database) if database is not None else settings.data_dir / "collections"
@@ -218,7 +222,7 @@ class Engine:
         self.collections.close()
         if self.database is not None:
             self.database.close()
-        if isinstance(self.bulk_encoder.cache, EmbeddingCache):
+        if self.bulk_encoder.cache is not None:
             self.bulk_encoder.cache.close()
 
     async def _offload(self, fn: Callable[..., T], *args: Any, model: bool = False, **kwargs: Any) -> T:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -38,6 +38,8 @@ class Settings:
             ``data_dir``. Never shown with its password.
         store_pool: Connections to the store at most.
         store_timeout: Seconds a request waits for the store before it answers 503 (with Retry-After).
+        cache_store: Where background work's base-embedding cache lives: ``local`` (a SQLite file under
+            ``data_dir``) or ``store`` (the PostgreSQL store, shared by the fleet: each text embedded once).
         adapters_dir: Directory of adapter checkpoints (one sub-directory each).
         datasets_dir: Stored evaluation datasets (``NAME.json``) that ``POST /eval`` may name as
             ``dataset_name`` (default ``data_dir/datasets``); nothing outside it is read.
@@ -75,6 +77,7 @@ class Settings:
     store: str | None = field(default=None, repr=False)  # may hold a password
     store_pool: Positive = 10
     store_timeout: Annotated[float, Meta(gt=0)] = 5.0
+    cache_store: Literal["local", "store"] = "local"
     adapters_dir: Path = Path("adapters")
     datasets_dir: Path | None = None
     adapter: str | None = None
@@ -100,6 +103,8 @@ class Settings:
     cors_origins: str | None = None
 
     def __post_init__(self) -> None:
+        if self.cache_store == "store" and self.store is None:
+            raise SettingError(f"{env_name('cache_store')}=store needs a PostgreSQL store: set {env_name('store')} (or --store)")
         if self.store is not None:
             try:
                 from embedlift.service.database import check_url

@@ -37,7 +37,7 @@ def replicas(postgres, tmp_path):
     try:
         for i in range(3):
             proc, base = start_server(tmp_path / f"data{i}", tmp_path / f"adapters{i}", "--base", HASHING, "--watch-interval", "1",
-                                      env={"EMBEDLIFT_STORE": url})
+                                      env={"EMBEDLIFT_STORE": url, "EMBEDLIFT_CACHE_STORE": "store"})
             procs.append(proc)
             urls.append(base)
         yield urls
@@ -217,3 +217,31 @@ def test_a_bad_store_url_is_one_line_without_the_password():
     out = run_cli("serve", "--store", f"mysql://root:{PASSWORD}@127.0.0.1/x", "--base", HASHING)
     assert out.returncode == 2 and "postgresql://USER[:PASSWORD]@HOST:PORT/DB" in out.stderr and PASSWORD not in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_shared_cache_embeds_each_text_once_for_the_fleet(postgres, minilm):
+    """Two processes' encoders over one database (``--cache-store store``): what one embedded, the other reads."""
+    from embedlift.models.cache import CachedEncoder
+    from embedlift.service.database import Database
+    from embedlift.service.shared_cache import DatabaseCache
+
+    url = postgres.create_database(f"c_{uuid.uuid4().hex[:10]}")
+    first_db, second_db = Database(url).open(), Database(url).open()
+    try:
+        texts = [f"Lyft's revenue in quarter {i} grew." for i in range(20)]
+        first = CachedEncoder(minilm, DatabaseCache(first_db), progress=False)
+        vectors = first.encode(texts, "document")
+        assert first.stats.computed == 20
+        second = CachedEncoder(minilm, DatabaseCache(second_db), progress=False)
+        again = second.encode(texts, "document")
+        assert second.stats.cached == 20 and second.stats.computed == 0
+        assert (again == vectors).all() and DatabaseCache(second_db).count(minilm.fingerprint) == 20
+        assert DatabaseCache(second_db).dim_of(minilm.fingerprint) == minilm.dim
+    finally:
+        first_db.close()
+        second_db.close()
+
+
+def test_cache_store_needs_a_store():
+    out = run_cli("serve", "--cache-store", "store", "--base", HASHING)
+    assert out.returncode == 2 and "needs a PostgreSQL store" in out.stderr
