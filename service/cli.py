@@ -255,6 +255,20 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    from embedlift.service.database import check_url, redact
+    from embedlift.service.store_copy import copy_store
+
+    check_url(args.to)
+    report = copy_store(args.source, args.adapters_dir, args.to)
+    for name, (docs, windows) in report.collections.items():
+        _err(f"collection {name}: {docs} documents, {windows} windows (verified)")
+    for name, version in report.adapters.items():
+        _err(f"adapter {name}@{version}" + (" (active)" if name == report.active else ""))
+    _err(f"copied {len(report.collections)} collections and {len(report.adapters)} adapters to {redact(args.to)}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from embedlift.models.checkpoint import atomic_write
     from embedlift.training.generate import (
@@ -497,6 +511,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_options(r)
     add_cache_options(r)
     r.set_defaults(func=cmd_reindex)
+
+    st = sub.add_parser("store", help="the shared store: copy an embedded deployment into PostgreSQL")
+    stsub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION", parser_class=Parser)
+    sc = stsub.add_parser("copy", help="copy collections (no re-embedding), adapter checkpoints and the active adapter into a PostgreSQL store",
+                          description="Reads DATA_DIR (the server's --data-dir; stop the server first) and ADAPTERS_DIR, writes them to "
+                          "the store, and verifies every collection's counts. Refuses a store that already has those collections "
+                          "or any adapters. Then serve with --store (or EMBEDLIFT_STORE).")
+    sc.add_argument("--from", dest="source", type=Path, required=True, help="the embedded data directory (e.g. ./data)")
+    sc.add_argument("--to", required=True, help="postgresql://USER[:PASSWORD]@HOST:PORT/DB")
+    sc.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="the checkpoints to copy (default ./adapters)")
+    sc.set_defaults(func=cmd_store_copy)
 
     a = sub.add_parser("adapters", help="adapter checkpoints: import from LlamaIndex")
     asub = a.add_subparsers(dest="adapters_command", required=True, metavar="ACTION", parser_class=Parser)

@@ -245,3 +245,56 @@ def test_the_shared_cache_embeds_each_text_once_for_the_fleet(postgres, minilm):
 def test_cache_store_needs_a_store():
     out = run_cli("serve", "--cache-store", "store", "--base", HASHING)
     assert out.returncode == 2 and "needs a PostgreSQL store" in out.stderr
+
+
+def test_store_copy_moves_an_embedded_deployment_without_re_embedding(postgres, hashing, tmp_path):
+    """`embedlift store copy`: collections, checkpoints with their versions and the active adapter; a server on
+    the store (fresh data and adapters directories) then answers exactly as the embedded one did."""
+    from tests.helpers import app_client, make_adapter
+
+    data, adapters = tmp_path / "data", tmp_path / "adapters"
+    make_adapter(hashing, adapters / "tuned")
+    make_adapter(hashing, adapters / "other", seed=1)
+    queries = [{"query": "insurance reserves region", "k": 5, "mode": m} for m in ("dense", "lexical", "hybrid")]
+    with app_client(data, adapters) as client:
+        assert client.put("/collections/notes", json={}).status_code == 201
+        assert client.put("/collections/plain", json={"lexical": None}).status_code == 201
+        assert client.post("/collections/notes/documents", json={"documents": docs(60)}).status_code == 200
+        assert client.post("/collections/plain/documents", json={"documents": docs(7, "p")}).status_code == 200
+        assert client.post("/adapters", json={"name": "tuned"}).status_code == 201  # version 2 of tuned
+        client.post("/adapters/other/activate")
+        client.post("/adapters/tuned/activate")
+        before = [client.post("/collections/notes/search", json=q).json() for q in queries]
+        listing = client.get("/adapters").json()
+    assert listing["active"] == "tuned@2"
+    url = with_password(postgres.create_database(f"m_{uuid.uuid4().hex[:10]}"))
+    out = run_cli("store", "copy", "--from", str(data), "--to", url, "--adapters-dir", str(adapters))
+    assert out.returncode == 0, out.stderr
+    assert "collection notes: 60 documents" in out.stderr and "adapter tuned@2 (active)" in out.stderr and PASSWORD not in out.stderr
+    with app_client(tmp_path / "fresh-data", tmp_path / "fresh-adapters", store=url) as client:
+        assert client.get("/adapters").json()["active"] == "tuned@2"
+        assert client.post("/adapters/rollback").json()["active"] == "other@1"  # the history came along
+        client.post("/adapters/tuned/activate")
+        after = [client.post("/collections/notes/search", json=q).json() for q in queries]
+        assert client.get("/collections/plain").json()["documents"] == 7
+    for b, a in zip(before, after, strict=True):
+        assert [h["id"] for h in a["hits"]] == [h["id"] for h in b["hits"]]
+        assert [h["score"] for h in a["hits"]] == pytest.approx([h["score"] for h in b["hits"]], rel=1e-5)
+    again = run_cli("store", "copy", "--from", str(data), "--to", url, "--adapters-dir", str(adapters))
+    assert again.returncode == 2 and "already has adapters" in again.stderr  # never merges into live data
+
+
+def test_the_password_stays_out_of_reprs_and_messages(postgres):
+    from embedlift.service.database import Database, redact
+    from embedlift.service.settings import Settings
+
+    url = with_password(postgres.url())
+    assert PASSWORD not in repr(Settings(store=url)) and PASSWORD not in repr(Database(url))
+    assert redact(url) == f"postgresql://postgres@127.0.0.1:{postgres.port}/postgres"
+    from embedlift.service.database import StoreUnavailableError
+
+    down = Database(url.replace(str(postgres.port), "1"), timeout=1)  # nothing listens on port 1: refused
+    with pytest.raises(StoreUnavailableError) as err:
+        down.open(wait=0)
+    message = err.value.message
+    assert err.value.status_code == 503 and PASSWORD not in message and "postgresql://postgres@127.0.0.1:1/postgres cannot be reached" in message

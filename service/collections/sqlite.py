@@ -313,6 +313,39 @@ class SQLiteStore(CollectionStore):
         with self._lock:
             return self._db.execute("SELECT seq, text FROM docs ORDER BY seq").fetchall()
 
+    def export(self, chunk: int = 500) -> Iterator[list[NewDocument]]:
+        """Every document as it is stored (text, metadata, window spans, base vectors and, where it has them,
+        its windows' terms), in chunks, from one consistent snapshot: what ``embedlift store copy`` moves to
+        another store without re-embedding anything."""
+        names = {i: t for t, i in self._vocabulary.items()}
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                docs = self._db.execute("SELECT seq, id, text, metadata FROM docs ORDER BY seq").fetchall()
+                windows = self._db.execute("SELECT seq, start, end, vector FROM windows ORDER BY seq, window").fetchall()
+                postings = self._db.execute("SELECT seq, window, length, term_ids, tfs FROM postings ORDER BY seq, window").fetchall()
+                names.update({i: t for i, t in self._db.execute("SELECT id, term FROM terms")})
+            finally:
+                self._db.execute("COMMIT")
+        spans: dict[int, list[Span]] = {}
+        vectors: dict[int, list[np.ndarray]] = {}
+        for seq, a, b, v in windows:
+            spans.setdefault(seq, []).append((a, b))
+            vectors.setdefault(seq, []).append(np.frombuffer(v, dtype=np.float32))
+        terms: dict[int, list[WindowTerms]] = {}
+        for seq, _, length, ids, tfs in postings:
+            counts = dict(zip((names[int(i)] for i in np.frombuffer(ids, dtype="<i4")), np.frombuffer(tfs, dtype="<u2").tolist(), strict=True))
+            terms.setdefault(seq, []).append(WindowTerms(length=length, counts=counts))
+        for i in range(0, len(docs), chunk):
+            yield [
+                NewDocument(
+                    id=doc_id, text=text, metadata=json.loads(meta), spans=spans.get(seq, []),
+                    vectors=np.stack(vectors[seq]) if seq in vectors else np.zeros((0, 0), np.float32),
+                    terms=_complete(terms.get(seq), len(spans.get(seq, []))),
+                )
+                for seq, doc_id, text, meta in docs[i : i + chunk]
+            ]
+
     def start_staging(self) -> None:
         with self._tx() as db:
             db.execute("DROP TABLE IF EXISTS windows_staged")
@@ -350,6 +383,11 @@ class SQLiteStore(CollectionStore):
             new = msgspec.structs.replace(config, base_fingerprint=fingerprint, dim=dim, base=base)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (msgspec.json.encode(new).decode(),))
         return new
+
+
+def _complete(terms: list[WindowTerms] | None, windows: int) -> list[WindowTerms] | None:
+    """A document's postings when every window has them (else none: the target builds them)."""
+    return terms if terms is not None and len(terms) == windows else None
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
