@@ -23,8 +23,11 @@ their first 12 words, passages the Lyft chunks):
 Ratios are against references measured in the same run, so a slower or busier machine moves every row
 together. The load generator shares the two cores with the server, as the targets assume.
 
+7. With ``--store postgres``: the embedded store and PostgreSQL + pgvector side by side (``benchmarks/stores.py``):
+   upserts, dense and hybrid search, pgvector HNSW recall, one vs two replicas, activation propagation.
+
 Usage: ``python benchmarks/serving.py [--duration S] [--infinity PATH] [--sizes 10000,100000,1000000]
-[--hybrid-sizes 10000,100000] [--skip runtimes,http,infinity,engine,faiss,hybrid]``
+[--hybrid-sizes 10000,100000] [--skip runtimes,http,infinity,engine,faiss,hybrid] [--store postgres]``
 """
 
 from __future__ import annotations
@@ -561,6 +564,9 @@ def main() -> int:
     p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes for the FAISS rows")
     p.add_argument("--hybrid-sizes", default="10000,100000", help="collection sizes (documents) for the hybrid rows")
     p.add_argument("--skip", default="", help="comma list of parts to skip: runtimes,http,infinity,engine,faiss,hybrid")
+    p.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
+                   help="postgres adds section 7: the stores side by side on a PostgreSQL started for the run (benchmarks/stores.py)")
+    p.add_argument("--store-sizes", default="10000,100000", help="collection sizes in windows for section 7")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if shutil.which("wrk") is None and "http" not in skip:
@@ -612,8 +618,16 @@ def main() -> int:
     if "hybrid" not in skip:
         print("6. hybrid search and upserts", flush=True)
         hybrid = hybrid_search([int(s) for s in args.hybrid_sizes.split(",")], queries, passages, tmp)
+    stores = None
+    if args.store == "postgres":
+        import stores as store_bench
+
+        print("7. stores: embedded and PostgreSQL + pgvector", flush=True)
+        stores = store_bench.run(queries, passages, tmp, [int(s) for s in args.store_sizes.split(",")], args.duration)
     text = (report(c, http, engine, search, ready, hybrid, runtime_rows, ingest) if engine
             else json.dumps({"ceiling": c, "runtimes": runtime_rows, "http": http, "search": search, "hybrid": hybrid}, default=float))
+    if stores is not None:
+        text += store_bench.report(stores)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.md").write_text(text)
     print("\n" + text)

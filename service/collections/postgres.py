@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -65,7 +66,7 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _tables(cid: int) -> dict[str, str]:
-    return {t: f"{SCHEMA}.c{cid}_{t}" for t in ("docs", "windows", "postings", "windows_staged", "postings_staged")}
+    return {t: f"{SCHEMA}.c{cid}_{t}" for t in ("docs", "windows", "postings", "terms", "windows_staged", "postings_staged")}
 
 
 def _no_nul(doc: NewDocument) -> None:
@@ -132,8 +133,9 @@ class PostgresHome:
                         term text NOT NULL, key bigint NOT NULL REFERENCES {t['windows']} (key) ON DELETE CASCADE,
                         tf real NOT NULL, length real NOT NULL, PRIMARY KEY (term, key));
                     CREATE INDEX ON {t['postings']} (key);
+                    CREATE TABLE {t['terms']} (term text PRIMARY KEY, df integer NOT NULL);
                 """)
-                if config.index != "flat":
+                if config.index == "hnsw":  # ``auto`` gets its index when it outgrows exact search (``upsert``)
                     _create_hnsw(conn, cid, config)
         except psycopg.errors.UniqueViolation:
             raise ConflictError(f"collection {config.name!r} was just created by another replica; GET it") from None
@@ -144,10 +146,16 @@ class PostgresHome:
             if row is None:
                 return
             t = _tables(row[0])
-            conn.execute(f"DROP TABLE IF EXISTS {t['postings']}, {t['windows']}, {t['docs']}, {t['postings_staged']}, {t['windows_staged']}")
+            conn.execute(f"DROP TABLE IF EXISTS {t['postings']}, {t['terms']}, {t['windows']}, {t['docs']}, {t['postings_staged']}, {t['windows_staged']}")
+
+
+def _has_hnsw(conn: Any, cid: int) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.c{cid}_hnsw",)).fetchone()[0]
 
 
 def _create_hnsw(conn: Any, cid: int, config: CollectionConfig) -> None:
+    """pgvector's HNSW index over the windows (built from what is there: much faster than row by row)."""
+    conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
     conn.execute(
         f"CREATE INDEX c{cid}_hnsw ON {_tables(cid)['windows']} USING hnsw (embedding vector_ip_ops) "
         f"WITH (m = {int(config.hnsw_m)}, ef_construction = {int(config.ef_construction)})"
@@ -213,6 +221,12 @@ class PostgresStore(CollectionStore):
             f"SELECT count(*), count(terms), coalesce(sum(terms), 0) FROM {t['windows']} WHERE seq = ANY(%s)", (seqs,)
         ).fetchone()
         keys = conn.execute(f"SELECT key FROM {t['windows']} WHERE seq = ANY(%s) ORDER BY key", (seqs,)).fetchall()
+        if stats[1]:  # their postings leave the document frequencies
+            conn.execute(
+                f"UPDATE {t['terms']} x SET df = x.df - r.n FROM (SELECT term, count(*) AS n FROM {t['postings']} "
+                f"WHERE key = ANY(%s) GROUP BY term) r WHERE x.term = r.term",
+                ([k for (k,) in keys],),
+            )
         conn.execute(f"DELETE FROM {t['docs']} WHERE seq = ANY(%s)", (seqs,))
         conn.execute(
             f"UPDATE {SCHEMA}.collections SET documents = documents - %s, windows = windows - %s, "
@@ -244,27 +258,45 @@ class PostgresStore(CollectionStore):
             postings = [self._postings_of(keys, doc.terms) for doc, (keys, _) in zip(latest, added, strict=True) if doc.terms is not None]
             if postings:
                 lexical = self._copy_postings(conn, t["postings"], postings)
-            conn.execute(
+            windows = conn.execute(
                 f"UPDATE {SCHEMA}.collections SET documents = documents + %s, windows = windows + %s, "
-                "lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s",
+                "lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s RETURNING windows, config->>'index'",
                 (len(latest), sum(len(d.spans) for d in latest), lexical[0], lexical[1], self.cid),
-            )
+            ).fetchone()
+            if windows[1] == "auto" and windows[0] >= AUTO_HNSW_WINDOWS and not _has_hnsw(conn, self.cid):
+                # past exact search's size: the index is built here, once, in this write's transaction (readers
+                # go on meanwhile; writers to this collection wait, as they wait for any write)
+                logger.info("collection %s: %d windows, building its HNSW index", self.name, windows[0])
+                _create_hnsw(conn, self.cid, self.read_config_in(conn))
         return Changes(removed=removed, added=added, postings=None)
+
+    def read_config_in(self, conn: Any) -> CollectionConfig:
+        row = conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
+        return msgspec.json.decode(row[0], type=CollectionConfig)
 
     def _postings_of(self, keys: np.ndarray, windows: Sequence[WindowTerms]) -> list[tuple[int, WindowTerms]]:
         return [(int(k), w) for k, w in zip(keys, windows, strict=True)]
 
     def _copy_postings(self, conn: Any, table: str, per_doc: list[list[tuple[int, WindowTerms]]]) -> list[int]:
-        """COPY every window's postings into ``table``; ``[windows, total length]`` written."""
+        """COPY every window's postings into ``table`` (the live one: its terms' document frequencies too);
+        ``[windows, total length]`` written."""
         windows = length = 0
+        df: Counter[str] = Counter()
         with conn.cursor().copy(f"COPY {table} (term, key, tf, length) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["text", "int8", "float4", "float4"])
             for doc in per_doc:
                 for key, terms in doc:
                     windows += 1
                     length += terms.length
+                    df.update(terms.counts.keys())
                     for term, tf in terms.counts.items():
                         copy.write_row((term, key, float(tf), float(terms.length)))
+        if table == self.t["postings"] and df:
+            conn.execute(
+                f"INSERT INTO {self.t['terms']} (term, df) SELECT * FROM unnest(%s::text[], %s::int[]) "
+                f"ON CONFLICT (term) DO UPDATE SET df = {self.t['terms']}.df + EXCLUDED.df",
+                (list(df), list(df.values())),
+            )
         return [windows, length]
 
     def delete(self, ids: Sequence[str]) -> tuple[Changes, list[str]]:
@@ -365,6 +397,8 @@ class PostgresStore(CollectionStore):
             conn.execute(f'INSERT INTO {t["windows"]} (key, seq, start, "end", terms, embedding) SELECT key, seq, start, "end", terms, embedding FROM {t["windows_staged"]} WHERE seq IN (SELECT seq FROM {t["docs"]})')
             conn.execute(f"INSERT INTO {t['postings']} SELECT p.* FROM {t['postings_staged']} p JOIN {t['windows']} w ON w.key = p.key")
             conn.execute(f"DROP TABLE {t['windows_staged']}, {t['postings_staged']}")
+            conn.execute(f"DELETE FROM {t['terms']}")
+            conn.execute(f"INSERT INTO {t['terms']} (term, df) SELECT term, count(*) FROM {t['postings']} GROUP BY term")
             new = msgspec.structs.replace(config, base_fingerprint=fingerprint, dim=dim, base=base)
             conn.execute(
                 f"UPDATE {SCHEMA}.collections c SET config = %s, version = version + 1, windows = s.n, lexical_windows = s.lexical, "
@@ -406,6 +440,7 @@ class PostgresStore(CollectionStore):
         with self._write() as conn:
             if analyzer is None:
                 conn.execute(f"DELETE FROM {self.t['postings']}")
+                conn.execute(f"DELETE FROM {self.t['terms']}")
                 conn.execute(f"UPDATE {self.t['windows']} SET terms = NULL WHERE terms IS NOT NULL")
                 conn.execute(f"UPDATE {SCHEMA}.collections SET lexical_windows = 0, lexical_length = 0 WHERE id = %s", (self.cid,))
             conn.execute(f"UPDATE {SCHEMA}.collections SET postings = %s, version = version + 1 WHERE id = %s", (analyzer, self.cid))
@@ -464,13 +499,18 @@ class PostgresIndex(CollectionIndex):
 
     def __init__(self, store: PostgresStore, config: CollectionConfig) -> None:
         self.store, self.config = store, config
+        self._indexed = config.index == "hnsw"
 
     @property
     def kind(self) -> str:  # type: ignore[override]  # the base class's attribute, computed here
-        """``flat`` (an exact scan) or ``hnsw``: by the collection's setting, and its size for ``auto``."""
-        if self.config.index == "auto":
-            return "hnsw" if self.store.count()[1] >= AUTO_HNSW_WINDOWS else "flat"
-        return self.config.index
+        """``flat`` (an exact scan) or ``hnsw``: by the collection's setting; for ``auto``, whether the upsert
+        that took it past ``AUTO_HNSW_WINDOWS`` has built its index (any replica's)."""
+        if self.config.index == "flat":
+            return "flat"
+        if not self._indexed:
+            with self.store.db.transaction() as conn:
+                self._indexed = _has_hnsw(conn, self.store.cid)
+        return "hnsw" if self._indexed else "flat"
 
     def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
         t = self.store.t
@@ -528,29 +568,36 @@ class PostgresLexicalIndex(LexicalIndex):
         return 0 if row is None else int(row[0])
 
     def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:
+        """Each query's best ``m`` windows by BM25 (document frequencies from the ``terms`` table, postings by
+        the term index), then the best window per document; ``m`` grows until ``n`` documents are in it."""
         t = self.store.t
         clause, params = _filter_sql(selection)
         join = f"JOIN {t['docs']} d ON d.seq = p.key >> {WINDOW_BITS} WHERE {clause}" if clause else ""
         out: list[Candidates] = []
         with self.store.db.transaction() as conn:
             for terms in queries:
-                if not terms:
-                    out.append({})
-                    continue
-                rows = conn.execute(
-                    f"""WITH q AS (SELECT term, count(*) AS times FROM unnest(%s::text[]) AS term GROUP BY term),
-                        stats AS (SELECT lexical_windows::float8 AS n, greatest(lexical_length::float8 / greatest(lexical_windows, 1), 1e-9) AS avg
-                                  FROM {SCHEMA}.collections WHERE id = %s),
-                        df AS (SELECT p.term, count(*)::float8 AS df FROM {t['postings']} p JOIN q USING (term) GROUP BY p.term),
-                        scored AS (
-                            SELECT p.key, sum(q.times * ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
-                                              * p.tf / (p.tf + {K1} * (1 - {B} + {B} * p.length / s.avg))) AS score
-                            FROM {t['postings']} p JOIN q USING (term) JOIN df USING (term) CROSS JOIN stats s {join}
-                            GROUP BY p.key),
-                        best AS (SELECT DISTINCT ON (key >> {WINDOW_BITS}) key, score FROM scored WHERE score > 0
-                                 ORDER BY key >> {WINDOW_BITS}, score DESC, key)
-                        SELECT key, score FROM best ORDER BY score DESC, key LIMIT %s""",
-                    [list(terms), self.store.cid, *params, n],
-                ).fetchall()
-                out.append({int(k) >> WINDOW_BITS: (float(s), int(k) & MASK) for k, s in rows})
+                found: Candidates = {}
+                m = max(4 * n, 16)
+                while terms:
+                    rows = conn.execute(
+                        f"""WITH q AS (SELECT term, count(*) AS times FROM unnest(%s::text[]) AS term GROUP BY term),
+                            stats AS (SELECT lexical_windows::float8 AS n, greatest(lexical_length::float8 / greatest(lexical_windows, 1), 1e-9) AS avg
+                                      FROM {SCHEMA}.collections WHERE id = %s),
+                            qt AS MATERIALIZED (SELECT q.term, q.times, x.df::float8 AS df FROM q JOIN {t['terms']} x USING (term) WHERE x.df > 0),
+                            scored AS (
+                                SELECT p.key, sum(qt.times * ln(1 + (s.n - qt.df + 0.5) / (qt.df + 0.5))
+                                                  * p.tf / (p.tf + {K1} * (1 - {B} + {B} * p.length / s.avg))) AS score
+                                FROM qt CROSS JOIN stats s
+                                JOIN LATERAL (SELECT key, tf, length FROM {t['postings']} p WHERE p.term = qt.term) p ON true {join}
+                                GROUP BY p.key)
+                            SELECT key, score FROM scored WHERE score > 0 ORDER BY score DESC, key LIMIT %s""",
+                        [list(terms), self.store.cid, *params, m],
+                    ).fetchall()
+                    found = {}
+                    for k, score in rows:  # best first: a document's first window is its best
+                        found.setdefault(int(k) >> WINDOW_BITS, (float(score), int(k) & MASK))
+                    if len(found) >= n or len(rows) < m:
+                        break
+                    m *= 4
+                out.append(dict(list(found.items())[:n]))
         return out
