@@ -105,8 +105,15 @@ def store_rows(pg, passages: list[str], queries: list[str], sizes: list[int], tm
                 exact = exact_top(collection, q, 10)
                 found = [set(h for h in c) for c in collection.base_index.dense(q, 10)]
                 recall = statistics.mean(len(e & f) / 10 for e, f in zip(exact, found, strict=True))
-                recalls.append({"windows": n_windows, "index": collection.kind, "recall": recall})
-                print(f"  postgres {n_windows:>8,d} windows: {collection.kind} recall@10 {recall:.3f} against exact", flush=True)
+                assert db is not None
+                with db.transaction() as conn:  # what the windows take on disk: table (vectors) and HNSW index
+                    table, index = conn.execute(
+                        "SELECT pg_total_relation_size(%s) - coalesce(pg_relation_size(to_regclass(%s)), 0), coalesce(pg_relation_size(to_regclass(%s)), 0)",
+                        (collection.store.t["windows"], f"embedlift.c{collection.store.cid}_hnsw", f"embedlift.c{collection.store.cid}_hnsw"),
+                    ).fetchone()
+                recalls.append({"windows": n_windows, "index": collection.kind, "recall": recall, "table_mb": table / 2**20, "hnsw_mb": index / 2**20})
+                print(f"  postgres {n_windows:>8,d} windows: {collection.kind} recall@10 {recall:.3f} against exact; windows table "
+                      f"{table / 2**20:.0f} MB, HNSW index {index / 2**20:.0f} MB", flush=True)
             manager.close()
             if db is not None:
                 db.close()
@@ -202,7 +209,8 @@ def report(result: dict) -> str:
                      f"{r['upsert_windows_s']:.0f} | {r['dense_p50']:.2f} / {r['dense_p99']:.2f} | {r['hybrid_p50']:.2f} / {r['hybrid_p99']:.2f} |")
     lines.append("")
     for r in result["recall"]:
-        lines.append(f"pgvector at {r['windows']:,} windows ({r['index']}): recall@10 {r['recall']:.3f} against exact.")
+        lines.append(f"pgvector at {r['windows']:,} windows ({r['index']}): recall@10 {r['recall']:.3f} against exact; windows table "
+                     f"{r['table_mb']:.0f} MB, HNSW index {r['hnsw_mb']:.0f} MB.")
     f = result["replicas"]
     lines += ["", f"Hybrid search over HTTP, 32 clients: one replica {f['one']['rps']:.1f}/s (p50 {f['one']['p50']:.1f} ms), two replicas "
               f"{f['two']['rps']:.1f}/s ({f['two']['rps'] / f['one']['rps']:.2f}x). Activation through one replica served by the other: "

@@ -47,9 +47,19 @@ MIGRATIONS: list[str] = [
         documents bigint NOT NULL DEFAULT 0,
         windows bigint NOT NULL DEFAULT 0,
         lexical_windows bigint NOT NULL DEFAULT 0,  -- windows with postings, and their total length in terms
-        lexical_length bigint NOT NULL DEFAULT 0
+        lexical_length bigint NOT NULL DEFAULT 0,
+        writes bigint NOT NULL DEFAULT 0            -- the generation of the last committed write
     );
     CREATE SEQUENCE {SCHEMA}.document_keys;
+    -- each committed write: the window keys it removed and the documents it added (NULLs: everything changed);
+    -- what the indexes a replica keeps in memory follow (service/collections/postgres.py)
+    CREATE TABLE {SCHEMA}.changes (
+        collection_id bigint NOT NULL REFERENCES {SCHEMA}.collections (id) ON DELETE CASCADE,
+        generation bigint NOT NULL,
+        removed bigint[],
+        added bigint[],
+        PRIMARY KEY (collection_id, generation)
+    );
     """,
     # 2: the adapter registry replicas share (service/shared_registry.py)
     f"""

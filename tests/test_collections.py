@@ -332,3 +332,35 @@ def test_a_collection_on_another_base_is_reindexed_through_the_manager(encoder, 
     q, _ = embed_pooled(encoder, ["insurance costs"], "query")
     assert [h.id for h in dense(served, q, 3)[0]] == brute_force(encoder, corpus(10), "insurance costs", 3)[0]
     assert [h.id for h in dense(homes(encoder.fingerprint, encoder.dim).get("docs"), q, 3)[0]] == [h.id for h in dense(served, q, 3)[0]]
+
+
+@pytest.mark.parametrize("homes", ["postgres"], indirect=True)
+def test_two_replicas_search_each_others_writes_at_once_in_every_index(encoder, homes, tmp_path):
+    """Two managers over one database (two replicas): each one's lexical index and ``apply_to: both`` view live in
+    its memory and follow the write log, so a write or delete through one is searched through the other at once,
+    exactly (against brute force on what the database holds)."""
+    from embedlift.models.checkpoint import load_checkpoint
+
+    from tests.helpers import make_adapter
+
+    a, b = homes(encoder.fingerprint, encoder.dim), homes(encoder.fingerprint, encoder.dim)
+    ca, _ = a.create("docs")
+    ca.upsert(documents(encoder, corpus(20)))
+    cb = b.get("docs")
+    adapter = load_checkpoint(make_adapter(encoder, tmp_path / "both", apply_to="both"), expected=None).adapter
+    q, _ = embed_pooled(encoder, ["autonomous vehicles"], "query")
+    qa = adapter.transform_query(q)
+
+    def view_ids(c):
+        return [h.id for h in c.search(qa, ["autonomous vehicles"], SearchPlan(k=5), "both@1", adapter)[0].hits]
+
+    assert view_ids(cb) == view_ids(ca)
+    ca.upsert(documents(encoder, [("fresh", "Autonomous vehicles and robotaxis replace drivers.", {"topic": "new"})]))
+    lexical = cb.search(None, ["robotaxis"], SearchPlan(k=3, mode="lexical"))[0]
+    assert [h.id for h in lexical.hits] == ["fresh"]
+    assert "fresh" in view_ids(cb) and view_ids(cb) == view_ids(ca)
+    cb.delete(["fresh", "doc-2"])
+    assert ca.search(None, ["robotaxis"], SearchPlan(k=3, mode="lexical"))[0].hits == []
+    assert "fresh" not in view_ids(ca) and view_ids(ca) == view_ids(cb)
+    hybrid = [cb.search(q, ["autonomous vehicles drivers"], SearchPlan(k=5, mode="hybrid"))[0].hits for _ in range(2)]
+    assert [h.id for h in hybrid[0]] == [h.id for h in ca.search(q, ["autonomous vehicles drivers"], SearchPlan(k=5, mode="hybrid"))[0].hits]

@@ -229,6 +229,12 @@ class CollectionStore(ABC):
 
         return FaissIndex(self, config).load()
 
+    def view_index(self, config: CollectionConfig, transform: Any, label: str) -> CollectionIndex:
+        """An ``apply_to: both`` adapter's document view: the stored base vectors mapped by ``transform``."""
+        from embedlift.service.collections.faiss_index import FaissIndex
+
+        return FaissIndex(self, config, transform, label).load()
+
     def lexical_index(self, analyzer: Analyzer) -> LexicalIndex:
         """The lexical index for ``analyzer``, loaded (``status`` says whether the postings are complete)."""
         from embedlift.service.collections.lexical_index import MemoryLexicalIndex

@@ -39,7 +39,6 @@ from embedlift.service.collections.base import (
     Selection,
     WindowTerms,
 )
-from embedlift.service.collections.faiss_index import FaissIndex
 from embedlift.service.collections.filters import parse
 from embedlift.service.schemas import HitScores, SearchHit, StoredDocument
 
@@ -153,7 +152,7 @@ class Collection:
             return index
         with self._write_lock:  # no write slips between the view's snapshot and its registration
             if key not in self._indexes:
-                self._indexes = {**self._indexes, key: FaissIndex(self.store, self.config, adapter.transform_document, key).load()}
+                self._indexes = {**self._indexes, key: self.store.view_index(self.config, adapter.transform_document, key)}
             return self._indexes[key]
 
     def drop_views(self, keep: set[str]) -> None:

@@ -38,6 +38,10 @@ class MemoryLexicalIndex(LexicalIndex):
         self.store, self.analyzer = store, analyzer
         self.status = "building"
         self._lock = threading.RLock()
+        self._clear()
+
+    def _clear(self) -> None:
+        """Empty (at start, and before a reload)."""
         self._n = 0  # slots used
         self._keys = np.zeros(0, np.int64)
         self._lengths = np.zeros(0, np.float64)
@@ -74,6 +78,10 @@ class MemoryLexicalIndex(LexicalIndex):
             self._remove(changes.removed)
             if changes.postings is not None:
                 self._append(changes.postings)
+
+    def has(self, key: int) -> bool:
+        """Whether window ``key`` is indexed (and alive)."""
+        return key in self._slot_of
 
     def _grow(self, need: int) -> None:
         if need <= len(self._keys):

@@ -1,22 +1,24 @@
 """Collections in PostgreSQL with pgvector: the store every replica shares (``--store postgresql://...``).
 
-Each collection is a row of ``embedlift.collections`` (its config, counts and lexical statistics) and four
-tables of its own, named by its id (so a name never reaches SQL, and a deleted then re-created name is new):
+Each collection is a row of ``embedlift.collections`` (its config, counts, lexical statistics and the
+generation of its last write) and tables of its own, named by its id (so a name never reaches SQL, and a
+deleted then re-created name is new):
 
 - ``c<id>_docs``: ``seq`` (the document key, from one sequence, never reused), id, text, metadata (JSONB, with
   a GIN index: equality and ``$exists`` filters are containment and key tests it serves).
 - ``c<id>_windows``: the window key (``seq << 16 | window``), span, length in terms, and the base vector as
-  ``vector(d)`` with an HNSW index (inner product). Searches run exact (a sequential scan) for ``index: flat``
-  and for ``auto`` below ``AUTO_HNSW_WINDOWS``, on the HNSW index otherwise; with a filter,
-  ``hnsw.iterative_scan`` keeps scanning the graph until ``k`` documents pass it.
-- ``c<id>_postings``: ``(term, window key, tf, length)``, the lexical index, scored in SQL with the same BM25
-  as ``models/lexical.py`` (Lucene's idf and length normalisation over the windows that have postings; the
-  collection's row keeps their count and total length), so both stores rank alike.
+  ``vector(d)``. Dense search runs in SQL: exact (a sequential scan) for ``index: flat`` and for ``auto`` below
+  ``AUTO_HNSW_WINDOWS``, on pgvector's HNSW index otherwise (built once, from what is there, by the write that
+  takes an ``auto`` collection past the threshold); with a filter, ``hnsw.iterative_scan`` keeps scanning the
+  graph until ``k`` documents pass it; one hit per document is kept in SQL.
+- ``c<id>_postings``: ``(term, window key, tf, length)``, the lexical index's source of truth.
 
-Dense and lexical search keep one hit per document (its best window) in SQL. Every write is one transaction
-that first locks the collection's row (writes to one collection are serialised across replicas) and is
-acknowledged after commit. Nothing lives in process memory but the pool, so a write through one replica is
-searched through every other at once.
+Every write is one transaction that first locks the collection's row (writes to one collection are serialised
+across replicas), records itself in ``embedlift.changes`` (the window keys it removed, the documents it added)
+and is acknowledged after commit. The lexical index is BM25 in each replica's memory (the embedded store's
+``MemoryLexicalIndex``: scoring all of a common term's postings in SQL measured 50x slower at 100k windows),
+and an ``apply_to: both`` adapter's view is FAISS in memory; both follow the write log before every search, so a
+write through one replica is searched through every other at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections import Counter
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ import msgspec
 import numpy as np
 
 from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
-from embedlift.models.lexical import B, K1, Analyzer
+from embedlift.models.lexical import Analyzer
 from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span, WindowedVectors
 from embedlift.service.collections.base import (
@@ -51,13 +53,16 @@ from embedlift.service.collections.base import (
     WindowTerms,
     window_keys,
 )
-from embedlift.service.collections.faiss_index import AUTO_HNSW_WINDOWS  # the same threshold on both stores
+from embedlift.service.collections.faiss_index import AUTO_HNSW_WINDOWS, FaissIndex, Transform  # the same threshold on both stores
+from embedlift.service.collections.lexical_index import MemoryLexicalIndex
 from embedlift.service.collections.filters import parse, to_postgres
 from embedlift.service.database import SCHEMA, Database
 from embedlift.service.schemas import StoredDocument
 
 logger = logging.getLogger(__name__)
 MASK = (1 << WINDOW_BITS) - 1
+#: Writes kept in ``embedlift.changes`` per collection; a replica further behind reloads its indexes.
+KEEP_CHANGES = 10_000
 
 
 def _array(value: Any) -> np.ndarray:
@@ -66,7 +71,7 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _tables(cid: int) -> dict[str, str]:
-    return {t: f"{SCHEMA}.c{cid}_{t}" for t in ("docs", "windows", "postings", "terms", "windows_staged", "postings_staged")}
+    return {t: f"{SCHEMA}.c{cid}_{t}" for t in ("docs", "windows", "postings", "windows_staged", "postings_staged")}
 
 
 def _no_nul(doc: NewDocument) -> None:
@@ -133,7 +138,6 @@ class PostgresHome:
                         term text NOT NULL, key bigint NOT NULL REFERENCES {t['windows']} (key) ON DELETE CASCADE,
                         tf real NOT NULL, length real NOT NULL, PRIMARY KEY (term, key));
                     CREATE INDEX ON {t['postings']} (key);
-                    CREATE TABLE {t['terms']} (term text PRIMARY KEY, df integer NOT NULL);
                 """)
                 if config.index == "hnsw":  # ``auto`` gets its index when it outgrows exact search (``upsert``)
                     _create_hnsw(conn, cid, config)
@@ -146,7 +150,7 @@ class PostgresHome:
             if row is None:
                 return
             t = _tables(row[0])
-            conn.execute(f"DROP TABLE IF EXISTS {t['postings']}, {t['terms']}, {t['windows']}, {t['docs']}, {t['postings_staged']}, {t['windows_staged']}")
+            conn.execute(f"DROP TABLE IF EXISTS {t['postings']}, {t['windows']}, {t['docs']}, {t['postings_staged']}, {t['windows_staged']}")
 
 
 def _has_hnsw(conn: Any, cid: int) -> bool:
@@ -179,6 +183,71 @@ class PostgresStore(CollectionStore):
             if conn.execute(f"SELECT 1 FROM {SCHEMA}.collections WHERE id = %s FOR UPDATE", (self.cid,)).fetchone() is None:
                 raise NotFoundError(f"collection {self.name!r} was deleted")
             yield conn
+
+    def _log(self, conn: Any, removed: np.ndarray | None, added: Sequence[int] | None) -> int:
+        """Record a write (in its transaction): its generation, the window keys it removed and the documents
+        it added (``None``, ``None``: everything may have changed); older records are pruned."""
+        generation = conn.execute(
+            f"UPDATE {SCHEMA}.collections SET writes = writes + 1 WHERE id = %s RETURNING writes", (self.cid,)
+        ).fetchone()[0]
+        conn.execute(
+            f"INSERT INTO {SCHEMA}.changes (collection_id, generation, removed, added) VALUES (%s, %s, %s, %s)",
+            (self.cid, generation, None if removed is None else [int(k) for k in removed], None if added is None else [int(x) for x in added]),
+        )
+        if generation % 1000 == 0:
+            conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE collection_id = %s AND generation <= %s", (self.cid, generation - KEEP_CHANGES))
+        return int(generation)
+
+    def changes_since(self, generation: int) -> tuple[int, list[tuple[np.ndarray, list[int]]] | None]:
+        """``(current generation, the writes after ``generation`` in order)``; ``None`` for the writes when one of
+        them changed everything or they are no longer all kept (then reload)."""
+        with self.db.transaction() as conn:
+            current = conn.execute(f"SELECT writes FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
+            if current is None:
+                raise NotFoundError(f"collection {self.name!r} was deleted")
+            if current[0] == generation:
+                return generation, []
+            rows = conn.execute(
+                f"SELECT generation, removed, added FROM {SCHEMA}.changes WHERE collection_id = %s AND generation > %s AND generation <= %s ORDER BY generation",
+                (self.cid, generation, current[0]),
+            ).fetchall()
+        if len(rows) != current[0] - generation or any(r[1] is None or r[2] is None for r in rows):
+            return int(current[0]), None
+        return int(current[0]), [(np.array(r[1], np.int64), list(r[2])) for r in rows]
+
+    def generation(self) -> int:
+        with self.db.transaction() as conn:
+            return int(conn.execute(f"SELECT writes FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()[0])
+
+    def windows_of(self, seqs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys, base vectors)`` of the documents ``seqs`` still present."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(f"SELECT key, embedding FROM {self.t['windows']} WHERE seq = ANY(%s) ORDER BY key", (list(seqs),)).fetchall()
+        dim = self.read_config().dim if not rows else len(rows[0][1])
+        return np.array([r[0] for r in rows], np.int64), (np.stack([_array(r[1]) for r in rows]) if rows else np.zeros((0, dim), np.float32))
+
+    def postings_of(self, seqs: Sequence[int]) -> Postings:
+        """The postings of the documents ``seqs`` still present (term ids from ``vocabulary``)."""
+        with self.db.transaction() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            windows = conn.execute(
+                f"SELECT key, terms FROM {self.t['windows']} WHERE seq = ANY(%s) AND terms IS NOT NULL ORDER BY key", (list(seqs),)
+            ).fetchall()
+            rows = conn.execute(
+                f"SELECT p.key, p.term, p.tf FROM {self.t['postings']} p JOIN {self.t['windows']} w ON w.key = p.key "
+                "WHERE w.seq = ANY(%s) AND w.terms IS NOT NULL ORDER BY p.key", (list(seqs),),
+            ).fetchall()
+        return self._postings(windows, rows)
+
+    def _postings(self, windows: list[Any], rows: list[Any]) -> Postings:
+        position = {k: i for i, (k, _) in enumerate(windows)}
+        ids = self._vocabulary
+        return Postings(
+            keys=np.array([k for k, _ in windows], np.int64), lengths=np.array([n for _, n in windows], np.float32),
+            window_of=np.array([position[k] for k, _, _ in rows], np.int64),
+            term_ids=np.array([ids.setdefault(term, len(ids)) for _, term, _ in rows], np.int64),
+            tfs=np.array([tf for _, _, tf in rows], np.float32),
+        )
 
     def read_config(self) -> CollectionConfig:
         with self.db.transaction() as conn:
@@ -221,12 +290,6 @@ class PostgresStore(CollectionStore):
             f"SELECT count(*), count(terms), coalesce(sum(terms), 0) FROM {t['windows']} WHERE seq = ANY(%s)", (seqs,)
         ).fetchone()
         keys = conn.execute(f"SELECT key FROM {t['windows']} WHERE seq = ANY(%s) ORDER BY key", (seqs,)).fetchall()
-        if stats[1]:  # their postings leave the document frequencies
-            conn.execute(
-                f"UPDATE {t['terms']} x SET df = x.df - r.n FROM (SELECT term, count(*) AS n FROM {t['postings']} "
-                f"WHERE key = ANY(%s) GROUP BY term) r WHERE x.term = r.term",
-                ([k for (k,) in keys],),
-            )
         conn.execute(f"DELETE FROM {t['docs']} WHERE seq = ANY(%s)", (seqs,))
         conn.execute(
             f"UPDATE {SCHEMA}.collections SET documents = documents - %s, windows = windows - %s, "
@@ -258,6 +321,7 @@ class PostgresStore(CollectionStore):
             postings = [self._postings_of(keys, doc.terms) for doc, (keys, _) in zip(latest, added, strict=True) if doc.terms is not None]
             if postings:
                 lexical = self._copy_postings(conn, t["postings"], postings)
+            self._log(conn, removed, [seq_of[d.id] for d in latest])
             windows = conn.execute(
                 f"UPDATE {SCHEMA}.collections SET documents = documents + %s, windows = windows + %s, "
                 "lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s RETURNING windows, config->>'index'",
@@ -278,30 +342,23 @@ class PostgresStore(CollectionStore):
         return [(int(k), w) for k, w in zip(keys, windows, strict=True)]
 
     def _copy_postings(self, conn: Any, table: str, per_doc: list[list[tuple[int, WindowTerms]]]) -> list[int]:
-        """COPY every window's postings into ``table`` (the live one: its terms' document frequencies too);
-        ``[windows, total length]`` written."""
+        """COPY every window's postings into ``table``; ``[windows, total length]`` written."""
         windows = length = 0
-        df: Counter[str] = Counter()
         with conn.cursor().copy(f"COPY {table} (term, key, tf, length) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(["text", "int8", "float4", "float4"])
             for doc in per_doc:
                 for key, terms in doc:
                     windows += 1
                     length += terms.length
-                    df.update(terms.counts.keys())
                     for term, tf in terms.counts.items():
                         copy.write_row((term, key, float(tf), float(terms.length)))
-        if table == self.t["postings"] and df:
-            conn.execute(
-                f"INSERT INTO {self.t['terms']} (term, df) SELECT * FROM unnest(%s::text[], %s::int[]) "
-                f"ON CONFLICT (term) DO UPDATE SET df = {self.t['terms']}.df + EXCLUDED.df",
-                (list(df), list(df.values())),
-            )
         return [windows, length]
 
     def delete(self, ids: Sequence[str]) -> tuple[Changes, list[str]]:
         with self._write() as conn:
             removed, missing = self._remove(conn, ids)
+            if len(removed):
+                self._log(conn, removed, [])
         return Changes(removed=removed), missing
 
     # reads ---------------------------------------------------------------------------------------------
@@ -397,8 +454,7 @@ class PostgresStore(CollectionStore):
             conn.execute(f'INSERT INTO {t["windows"]} (key, seq, start, "end", terms, embedding) SELECT key, seq, start, "end", terms, embedding FROM {t["windows_staged"]} WHERE seq IN (SELECT seq FROM {t["docs"]})')
             conn.execute(f"INSERT INTO {t['postings']} SELECT p.* FROM {t['postings_staged']} p JOIN {t['windows']} w ON w.key = p.key")
             conn.execute(f"DROP TABLE {t['windows_staged']}, {t['postings_staged']}")
-            conn.execute(f"DELETE FROM {t['terms']}")
-            conn.execute(f"INSERT INTO {t['terms']} (term, df) SELECT term, count(*) FROM {t['postings']} GROUP BY term")
+            self._log(conn, None, None)
             new = msgspec.structs.replace(config, base_fingerprint=fingerprint, dim=dim, base=base)
             conn.execute(
                 f"UPDATE {SCHEMA}.collections c SET config = %s, version = version + 1, windows = s.n, lexical_windows = s.lexical, "
@@ -440,8 +496,8 @@ class PostgresStore(CollectionStore):
         with self._write() as conn:
             if analyzer is None:
                 conn.execute(f"DELETE FROM {self.t['postings']}")
-                conn.execute(f"DELETE FROM {self.t['terms']}")
                 conn.execute(f"UPDATE {self.t['windows']} SET terms = NULL WHERE terms IS NOT NULL")
+                self._log(conn, None, None)
                 conn.execute(f"UPDATE {SCHEMA}.collections SET lexical_windows = 0, lexical_length = 0 WHERE id = %s", (self.cid,))
             conn.execute(f"UPDATE {SCHEMA}.collections SET postings = %s, version = version + 1 WHERE id = %s", (analyzer, self.cid))
 
@@ -475,6 +531,7 @@ class PostgresStore(CollectionStore):
                     f"UPDATE {SCHEMA}.collections SET lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s",
                     (written[0], written[1], self.cid),
                 )
+                self._log(conn, np.zeros(0, np.int64), [seq for seq, _ in chosen])
         return Postings.empty()
 
     # the indexes that search this store ---------------------------------------------------------------
@@ -482,7 +539,10 @@ class PostgresStore(CollectionStore):
         return PostgresIndex(self, config)
 
     def lexical_index(self, analyzer: Analyzer) -> LexicalIndex:
-        return PostgresLexicalIndex(self, analyzer)
+        return FollowingLexicalIndex(self, analyzer).load()
+
+    def view_index(self, config: CollectionConfig, transform: Transform, label: str) -> CollectionIndex:
+        return FollowingView(self, config, transform, label)
 
 
 def _filter_sql(selection: Selection | None) -> tuple[str, list[Any]]:
@@ -542,62 +602,82 @@ class PostgresIndex(CollectionIndex):
         return out
 
 
-class PostgresLexicalIndex(LexicalIndex):
-    """BM25 in SQL over the postings table, with ``models/lexical.py``'s formula; the best window per document."""
+class FollowingLexicalIndex(MemoryLexicalIndex):
+    """The collection's postings in this replica's memory (``MemoryLexicalIndex``: the embedded store's BM25,
+    its speed and its exact scores), following the write log: each search first applies the writes any replica
+    committed since the last one (removed windows, added documents' postings read back), so it scores exactly
+    what the database holds. Applying is idempotent by window key (keys are never reused); a write that changed
+    everything (an analyzer change, a re-index), or a log this replica is too far behind, reloads it."""
+
+    store: PostgresStore
 
     def __init__(self, store: PostgresStore, analyzer: Analyzer) -> None:
-        self.store, self.analyzer = store, analyzer
-        self._ready = False
+        super().__init__(store, analyzer)
+        self._seen = -1
 
-    @property
-    def status(self) -> str:
-        """``ready`` once the store says every window's postings were made with this analyzer (another
-        replica may be the one building them)."""
-        if not self._ready:
-            self._ready = self.store.postings_state() == self.analyzer.version
-        return "ready" if self._ready else "building"
+    def load(self) -> FollowingLexicalIndex:
+        with self._lock:
+            self._clear()
+            self._seen = self.store.generation()  # read first: a write after it is applied again, harmlessly
+            super().load()
+        return self
 
-    @status.setter
-    def status(self, value: str) -> None:
-        self._ready = value == "ready"
+    def apply(self, changes: Changes) -> None:
+        """Nothing: this replica's writes are in the log like every other's, and followed at the next search."""
 
-    @property
-    def windows(self) -> int:
-        with self.store.db.transaction() as conn:
-            row = conn.execute(f"SELECT lexical_windows FROM {SCHEMA}.collections WHERE id = %s", (self.store.cid,)).fetchone()
-        return 0 if row is None else int(row[0])
+    def catch_up(self) -> None:
+        generation, writes = self.store.changes_since(self._seen)
+        if generation == self._seen:
+            return
+        with self._lock:
+            if writes is None:
+                self.load()
+                return
+            for removed, added in writes:
+                self._generation += 1
+                self._weights.clear()
+                self._remove(removed)
+                if added:
+                    postings = self.store.postings_of(added)
+                    fresh = np.array([not self.has(int(k)) for k in postings.keys], bool)
+                    if fresh.any():
+                        self._append(_select(postings, fresh))
+            self._seen = generation
+            if self.status != "ready" and self.store.postings_state() == self.analyzer.version:
+                self.status = "ready"  # another replica finished building the postings
 
     def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:
-        """Each query's best ``m`` windows by BM25 (document frequencies from the ``terms`` table, postings by
-        the term index), then the best window per document; ``m`` grows until ``n`` documents are in it."""
-        t = self.store.t
-        clause, params = _filter_sql(selection)
-        join = f"JOIN {t['docs']} d ON d.seq = p.key >> {WINDOW_BITS} WHERE {clause}" if clause else ""
-        out: list[Candidates] = []
-        with self.store.db.transaction() as conn:
-            for terms in queries:
-                found: Candidates = {}
-                m = max(4 * n, 16)
-                while terms:
-                    rows = conn.execute(
-                        f"""WITH q AS (SELECT term, count(*) AS times FROM unnest(%s::text[]) AS term GROUP BY term),
-                            stats AS (SELECT lexical_windows::float8 AS n, greatest(lexical_length::float8 / greatest(lexical_windows, 1), 1e-9) AS avg
-                                      FROM {SCHEMA}.collections WHERE id = %s),
-                            qt AS MATERIALIZED (SELECT q.term, q.times, x.df::float8 AS df FROM q JOIN {t['terms']} x USING (term) WHERE x.df > 0),
-                            scored AS (
-                                SELECT p.key, sum(qt.times * ln(1 + (s.n - qt.df + 0.5) / (qt.df + 0.5))
-                                                  * p.tf / (p.tf + {K1} * (1 - {B} + {B} * p.length / s.avg))) AS score
-                                FROM qt CROSS JOIN stats s
-                                JOIN LATERAL (SELECT key, tf, length FROM {t['postings']} p WHERE p.term = qt.term) p ON true {join}
-                                GROUP BY p.key)
-                            SELECT key, score FROM scored WHERE score > 0 ORDER BY score DESC, key LIMIT %s""",
-                        [list(terms), self.store.cid, *params, m],
-                    ).fetchall()
-                    found = {}
-                    for k, score in rows:  # best first: a document's first window is its best
-                        found.setdefault(int(k) >> WINDOW_BITS, (float(score), int(k) & MASK))
-                    if len(found) >= n or len(rows) < m:
-                        break
-                    m *= 4
-                out.append(dict(list(found.items())[:n]))
-        return out
+        self.catch_up()
+        return super().lexical(queries, n, selection)
+
+
+def _select(p: Postings, keep: np.ndarray) -> Postings:
+    """The postings of the windows ``keep`` marks."""
+    renumber = np.cumsum(keep) - 1
+    mine = keep[p.window_of]
+    return Postings(keys=p.keys[keep], lengths=p.lengths[keep], window_of=renumber[p.window_of[mine]], term_ids=p.term_ids[mine], tfs=p.tfs[mine])
+
+
+class FollowingView(CollectionIndex):
+    """An ``apply_to: both`` adapter's document view (FAISS over the stored base vectors mapped by its document
+    transform) in this replica's memory, rebuilt when any replica has written since it was built."""
+
+    def __init__(self, store: PostgresStore, config: CollectionConfig, transform: Transform, label: str) -> None:
+        self.store, self.config, self.transform, self.label = store, config, transform, label
+        self._lock = threading.Lock()
+        self._seen, self._inner = self._build()
+
+    def _build(self) -> tuple[int, FaissIndex]:
+        generation = self.store.generation()
+        return generation, FaissIndex(self.store, self.config, self.transform, self.label).load()
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self._inner.kind
+
+    def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+        with self._lock:
+            if self.store.generation() != self._seen:
+                self._seen, self._inner = self._build()
+            inner = self._inner
+        return inner.dense(queries, n, selection)
