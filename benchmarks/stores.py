@@ -97,21 +97,22 @@ def store_rows(pg, passages: list[str], queries: list[str], sizes: list[int], tm
                     collection.search(q[i : i + 1], texts[i : i + 1], SearchPlan(k=10, mode=mode))
                     times.append((time.perf_counter() - t) * 1000)
                 row[f"{mode}_p50"], row[f"{mode}_p99"] = percentile(times, 50), percentile(times, 99)
-            rows.append(row)
-            print(f"  {kind:8s} {n_windows:>8,d} windows ({row['index']}): upsert {row['upsert_docs_s']:.0f} docs/s "
+            exact = exact_top(collection, q, 10)
+            found = [set(h for h in c) for c in collection.base_index.dense(q, 10)]
+            row["recall"] = recall = statistics.mean(len(e & f) / 10 for e, f in zip(exact, found, strict=True))
+            print(f"  {kind:8s} {n_windows:>8,d} windows ({row['index']}): recall@10 {recall:.3f}; upsert {row['upsert_docs_s']:.0f} docs/s "
                   f"({row['upsert_windows_s']:.0f} windows/s); dense p50 {row['dense_p50']:.2f} ms p99 {row['dense_p99']:.2f}; "
                   f"hybrid p50 {row['hybrid_p50']:.2f} ms p99 {row['hybrid_p99']:.2f}", flush=True)
+            rows.append(row)
             if kind == "postgres":
-                exact = exact_top(collection, q, 10)
-                found = [set(h for h in c) for c in collection.base_index.dense(q, 10)]
-                recall = statistics.mean(len(e & f) / 10 for e, f in zip(exact, found, strict=True))
                 assert db is not None
                 with db.transaction() as conn:  # what the windows take on disk: table (vectors) and HNSW index
                     table, index = conn.execute(
                         "SELECT pg_total_relation_size(%s) - coalesce(pg_relation_size(to_regclass(%s)), 0), coalesce(pg_relation_size(to_regclass(%s)), 0)",
                         (collection.store.t["windows"], f"embedlift.c{collection.store.cid}_hnsw", f"embedlift.c{collection.store.cid}_hnsw"),
                     ).fetchone()
-                recalls.append({"windows": n_windows, "index": collection.kind, "recall": recall, "table_mb": table / 2**20, "hnsw_mb": index / 2**20})
+                recalls.append({"windows": n_windows, "index": collection.kind, "recall": recall, "table_mb": table / 2**20, "hnsw_mb": index / 2**20,
+                                "embedded_recall": rows[-2]["recall"]})
                 print(f"  postgres {n_windows:>8,d} windows: {collection.kind} recall@10 {recall:.3f} against exact; windows table "
                       f"{table / 2**20:.0f} MB, HNSW index {index / 2**20:.0f} MB", flush=True)
             manager.close()
@@ -202,10 +203,10 @@ def run(queries: list[str], passages: list[str], tmp: Path, sizes: list[int], du
 
 def report(result: dict) -> str:
     lines = ["", "### Stores: embedded (SQLite + FAISS) and PostgreSQL + pgvector", "",
-             "| store | windows | documents | dense index | upsert docs/s | upsert windows/s | dense p50 / p99 ms | hybrid p50 / p99 ms |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| store | windows | documents | dense index | recall@10 | upsert docs/s | upsert windows/s | dense p50 / p99 ms | hybrid p50 / p99 ms |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['store']} | {r['windows']:,} | {r['documents']:,} | {r['index']} | {r['upsert_docs_s']:.0f} | "
+        lines.append(f"| {r['store']} | {r['windows']:,} | {r['documents']:,} | {r['index']} | {r['recall']:.3f} | {r['upsert_docs_s']:.0f} | "
                      f"{r['upsert_windows_s']:.0f} | {r['dense_p50']:.2f} / {r['dense_p99']:.2f} | {r['hybrid_p50']:.2f} / {r['hybrid_p99']:.2f} |")
     lines.append("")
     for r in result["recall"]:
