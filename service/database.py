@@ -90,6 +90,7 @@ MIGRATIONS: list[str] = [
         total bigint NOT NULL DEFAULT 0,
         result jsonb,
         error text,
+        spec jsonb,                                 -- what another replica needs to resume it (resumable kinds)
         owner text NOT NULL,                        -- the replica running it
         heartbeat timestamptz,                      -- when that replica last vouched for it
         created timestamptz NOT NULL DEFAULT now(),

@@ -183,6 +183,9 @@ class Engine:
         self.admission = Admission(s.max_concurrent)
         self.base_fusion: LearnedFusion | None = base_fusion(base.spec)  # a fine-tuned base's fitted alpha
         self.database: Database | None = None  # the shared store, when collections live in PostgreSQL
+        self._stopping = threading.Event()
+        if isinstance(self.jobs.store, DatabaseJobStore):
+            threading.Thread(target=self._take_over_jobs, args=(self.jobs.store,), name="jobs-take-over", daemon=True).start()
         registry.on_change = self._prepare_views
         metrics.track_engine(self)
 
@@ -207,7 +210,7 @@ class Engine:
         collections = CollectionManager(home, base.fingerprint, base.dim, base.spec)
         collections.load_all()
         registry = AdapterRegistry(settings.adapters_dir, state, base_info(base), shared=shared)
-        jobs = DatabaseJobStore(database) if database is not None else None
+        jobs = DatabaseJobStore(database, lease=settings.job_lease) if database is not None else None
         engine = cls(base, registry, collections, settings, bulk_cache=bulk_cache, jobs=jobs)
         engine.database = database
         registry.load(settings.adapter)
@@ -215,7 +218,20 @@ class Engine:
             registry.watch(settings.watch_interval)
         return engine
 
+    def _take_over_jobs(self, store: DatabaseJobStore) -> None:
+        """Finish the resumable jobs whose replica died: claim one whenever a lease has run out."""
+        while not self._stopping.wait(max(1.0, store.lease / 3)):
+            try:
+                while (job := store.claim()) is not None:
+                    spec = job.spec
+                    documents = msgspec.convert(spec["documents"], list[Document])
+                    logger.info("job %s (%s of %s documents done elsewhere) taken over", job.id, job.done, job.total)
+                    self.jobs.resume(job, lambda j, c=spec["collection"], d=documents: self._upsert(c, d, j, start=j.done))
+            except Exception as exc:  # noqa: BLE001 - the database may be down; try again at the next tick
+                logger.warning("taking over orphaned jobs: %s", getattr(exc, "message", exc))
+
     def close(self) -> None:
+        self._stopping.set()
         self.registry.stop()
         self.jobs.shutdown()
         self.batcher.close()
@@ -384,16 +400,18 @@ class Engine:
         limits.check_documents(documents, self.settings)
         await self._offload(self.collection, name)  # 404/409 before any work
         if len(documents) > self.settings.sync_upsert_documents:
-            return self.jobs.submit("upsert", lambda job: self._upsert(name, documents, job), total=len(documents))
+            spec = {"collection": name, "documents": msgspec.to_builtins(list(documents))}  # another replica resumes from it
+            return self.jobs.submit("upsert", lambda job: self._upsert(name, documents, job), total=len(documents), spec=spec)
         return await self._offload(self._upsert, name, documents, model=True)
 
-    def _upsert(self, name: str, documents: Sequence[Document], job: Job | None = None) -> UpsertResponse:
+    def _upsert(self, name: str, documents: Sequence[Document], job: Job | None = None, start: int = 0) -> UpsertResponse:
         """Embed every window of each document (base, cached) and store them, batch by batch, so a bulk upsert
-        commits as it goes and reports progress."""
+        commits as it goes and reports progress. A job resumed on another replica starts after the ``start``
+        documents its first replica committed."""
         collection = self.collection(name)
         windows = windowed = 0
         step = self.settings.upsert_batch
-        for start in range(0, len(documents), step):
+        for start in range(start, len(documents), step):
             part = documents[start : start + step]
             embedded = embed_documents(self.bulk_encoder, [d.text for d in part])
             collection.upsert([

@@ -42,6 +42,8 @@ class Job:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     store: JobStore | None = field(default=None, repr=False, compare=False)
+    #: JSON that lets another replica resume the job (a resumable kind's input); ``None``: not resumable.
+    spec: Any = field(default=None, repr=False, compare=False)
 
     def report(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -105,15 +107,21 @@ class JobRunner:
         self._lock = threading.Lock()
         self.max_queued = max_queued
 
-    def submit(self, kind: str, work: Callable[[Job], Any], total: int = 0) -> Job:
+    def submit(self, kind: str, work: Callable[[Job], Any], total: int = 0, spec: Any = None) -> Job:
+        """Queue ``work``; ``spec`` (JSON) is what a shared store keeps so another replica can resume the job."""
         with self._lock:
             waiting = self.store.queued()
             if waiting >= self.max_queued:
                 raise OverloadedError(f"{waiting} background jobs are queued (maximum {self.max_queued}); retry later", retry_after=5)
-            job = Job(id=uuid.uuid4().hex, kind=kind, total=total, store=self.store)
+            job = Job(id=uuid.uuid4().hex, kind=kind, total=total, store=self.store, spec=spec)
             self.store.add(job)
         self._pool.submit(self._run, job, work)
         return job
+
+    def resume(self, job: Job, work: Callable[[Job], Any]) -> None:
+        """Run a job another replica left unfinished (claimed from the shared store)."""
+        job.store = self.store
+        self._pool.submit(self._run, job, work)
 
     def _run(self, job: Job, work: Callable[[Job], Any]) -> None:
         job.status = "running"

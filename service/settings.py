@@ -38,6 +38,8 @@ class Settings:
             ``data_dir``. Never shown with its password.
         store_pool: Connections to the store at most.
         store_timeout: Seconds a request waits for the store before it answers 503 (with Retry-After).
+        job_lease: Seconds a replica's background job goes without its heartbeat (every 5 s) before another
+            replica takes it over (PostgreSQL store).
         cache_store: Where background work's base-embedding cache lives: ``local`` (a SQLite file under
             ``data_dir``) or ``store`` (the PostgreSQL store, shared by the fleet: each text embedded once).
         adapters_dir: Directory of adapter checkpoints (one sub-directory each).
@@ -78,6 +80,7 @@ class Settings:
     store_pool: Positive = 10
     store_timeout: Annotated[float, Meta(gt=0)] = 5.0
     cache_store: Literal["local", "store"] = "local"
+    job_lease: Annotated[float, Meta(ge=1)] = 30.0
     adapters_dir: Path = Path("adapters")
     datasets_dir: Path | None = None
     adapter: str | None = None

@@ -1,12 +1,12 @@
-"""Jobs in the PostgreSQL store, so that ``GET /jobs/{id}`` answers the same on every replica.
+"""Jobs in the PostgreSQL store, so that ``GET /jobs/{id}`` answers the same on every replica, and a job whose
+replica dies is finished by another.
 
 A job is a row of ``embedlift.jobs``: kind, status, progress, result (JSON) or error, the replica that runs it
 (``owner``) and when that replica last vouched for it (``heartbeat``, refreshed every ``HEARTBEAT`` seconds
-while it runs). A job whose replica stopped vouching for ``LEASE`` seconds (it was killed, or lost the
-database) is reported as failed with that reason, so nobody waits on it forever.
-
-Not yet: another replica picking such a job up and finishing it (the jobs' inputs are not stored, only
-their progress); see the PostgreSQL issue's notes.
+while it runs: its lease). A resumable job (a bulk upsert) also keeps its input (``spec``): once its lease has
+run out, another replica claims it (``FOR UPDATE SKIP LOCKED``, so exactly one does) and goes on from the
+documents already committed; re-upserting by id replaces, so nothing is duplicated. A job that cannot be
+resumed (an evaluation, a re-index) whose lease ran out is reported failed, saying why.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ from embedlift.service.database import SCHEMA, Database
 from embedlift.service.jobs import Job, JobStore
 
 HEARTBEAT = 5.0
-LEASE = 30.0
+#: Kinds another replica can finish from their ``spec``.
+RESUMABLE = ("upsert",)
 
 
 class DatabaseJobStore(JobStore):
     """Jobs as rows; this replica's running jobs get a heartbeat from a daemon thread."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, lease: float = 30.0) -> None:
         self.db = db
+        self.lease = lease
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -38,10 +40,11 @@ class DatabaseJobStore(JobStore):
         threading.Thread(target=self._beat, name="jobs-heartbeat", daemon=True).start()
 
     def add(self, job: Job) -> None:
+        spec = None if job.spec is None else msgspec.json.encode(job.spec).decode()
         with self.db.transaction() as conn:
             conn.execute(
-                f"INSERT INTO {SCHEMA}.jobs (id, kind, status, done, total, owner, heartbeat) VALUES (%s, %s, %s, %s, %s, %s, now())",
-                (job.id, job.kind, job.status, job.done, job.total, self.owner),
+                f"INSERT INTO {SCHEMA}.jobs (id, kind, status, done, total, spec, owner, heartbeat) VALUES (%s, %s, %s, %s, %s, %s, %s, now())",
+                (job.id, job.kind, job.status, job.done, job.total, spec, self.owner),
             )
         with self._lock:
             self._running[job.id] = job
@@ -69,11 +72,27 @@ class DatabaseJobStore(JobStore):
             return None
         job = Job(id=row[0], kind=row[1], status=row[2], done=row[3], total=row[4], result=row[5], error=row[6],
                   created=float(row[7]), finished=None if row[8] is None else float(row[8]))
-        if job.status in ("queued", "running") and row[9] is not None and float(row[9]) > LEASE:
+        if job.status in ("queued", "running") and job.kind not in RESUMABLE and row[9] is not None and float(row[9]) > self.lease:
             job.status, job.error = "failed", (
-                f"the replica running it ({row[10]}) stopped answering {float(row[9]):.0f} s ago; its committed batches stay "
-                "committed: submit the job again (re-upserting the same documents replaces them)"
+                f"the replica running it ({row[10]}) stopped answering {float(row[9]):.0f} s ago; submit the job again"
             )
+        return job
+
+    def claim(self) -> Job | None:
+        """A resumable job whose replica's lease ran out, now this replica's (at most one replica gets it)."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                f"""UPDATE {SCHEMA}.jobs SET owner = %s, heartbeat = now(), status = 'running'
+                    WHERE id = (SELECT id FROM {SCHEMA}.jobs WHERE status IN ('queued', 'running') AND kind = ANY(%s) AND spec IS NOT NULL
+                                AND heartbeat < now() - make_interval(secs => %s) ORDER BY created FOR UPDATE SKIP LOCKED LIMIT 1)
+                    RETURNING id, kind, done, total, spec, extract(epoch FROM created)""",
+                (self.owner, list(RESUMABLE), self.lease),
+            ).fetchone()
+        if row is None:
+            return None
+        job = Job(id=row[0], kind=row[1], status="running", done=row[2], total=row[3], spec=row[4], created=float(row[5]), store=self)
+        with self._lock:
+            self._running[job.id] = job
         return job
 
     def queued(self) -> int:

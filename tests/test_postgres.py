@@ -298,3 +298,34 @@ def test_the_password_stays_out_of_reprs_and_messages(postgres):
         down.open(wait=0)
     message = err.value.message
     assert err.value.status_code == 503 and PASSWORD not in message and "postgresql://postgres@127.0.0.1:1/postgres cannot be reached" in message
+
+
+def test_a_replica_killed_mid_upsert_loses_nothing_and_its_job_finishes_elsewhere(postgres, tmp_path):
+    """SIGKILL the replica running a bulk upsert: every acknowledged document is there, and another replica
+    takes the job over once its lease runs out and finishes it, with no document twice."""
+    import os
+    import signal
+
+    url = postgres.create_database(f"k_{uuid.uuid4().hex[:10]}")
+    env = {"EMBEDLIFT_STORE": url, "EMBEDLIFT_JOB_LEASE": "2", "EMBEDLIFT_UPSERT_BATCH": "25"}
+    a_proc, a = start_server(tmp_path / "a", tmp_path / "aa", "--base", HASHING, "--watch-interval", "0", env=env)
+    b_proc, b = start_server(tmp_path / "b", tmp_path / "ba", "--base", HASHING, "--watch-interval", "0", env=env)
+    try:
+        assert httpx.put(f"{a}/collections/c", json={}).status_code == 201
+        assert httpx.post(f"{a}/collections/c/documents", json={"documents": docs(10, "ack")}).status_code == 200
+        bulk = httpx.post(f"{a}/collections/c/documents", json={"documents": docs(6000, "bulk")}, timeout=60)
+        assert bulk.status_code == 202
+        job = bulk.json()["job"]["id"]
+        wait_for(lambda: httpx.get(f"{b}/jobs/{job}").json()["done"] > 0, timeout=30)
+        os.kill(a_proc.pid, signal.SIGKILL)
+        a_proc.wait()
+        assert httpx.get(f"{b}/jobs/{job}").json()["done"] < 6000  # killed part-way
+        wait_for(lambda: httpx.get(f"{b}/jobs/{job}").json()["status"] == "succeeded", timeout=60)
+        info = httpx.get(f"{b}/collections/c").json()
+        assert info["documents"] == 6010 and info["windows"] == 6010  # nothing lost, nothing twice
+        for doc_id in ("ack0", "ack9", "bulk0", "bulk5999"):
+            assert httpx.get(f"{b}/collections/c/documents/{doc_id}").status_code == 200
+    finally:
+        if a_proc.poll() is None:
+            a_proc.kill()
+        stop_server(b_proc)
