@@ -226,9 +226,12 @@ class Engine:
                     spec = job.spec
                     documents = msgspec.convert(spec["documents"], list[Document])
                     logger.info("job %s (%s of %s documents done elsewhere) taken over", job.id, job.done, job.total)
-                    self.jobs.resume(job, lambda j, c=spec["collection"], d=documents: self._upsert(c, d, j, start=j.done))
+                    self.jobs.resume(job, functools.partial(self._resume_upsert, spec["collection"], documents))
             except Exception as exc:  # noqa: BLE001 - the database may be down; try again at the next tick
                 logger.warning("taking over orphaned jobs: %s", getattr(exc, "message", exc))
+
+    def _resume_upsert(self, name: str, documents: list[Document], job: Job) -> UpsertResponse:
+        return self._upsert(name, documents, job, start=job.done)
 
     def close(self) -> None:
         self._stopping.set()
