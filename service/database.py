@@ -32,6 +32,8 @@ SCHEMA = "embedlift"
 #: Advisory-lock key that serialises migrations across replicas ("embedlif" as an int64).
 MIGRATION_LOCK = 0x656D6265646C6966
 RETRY_AFTER = 2
+#: No statement runs longer (the longest one: an auto collection's HNSW index, built once at 20k windows).
+STATEMENT_TIMEOUT_MS = 300_000
 
 #: The schema, version by version (index + 1). Never edit a released step: append one.
 MIGRATIONS: list[str] = [
@@ -168,7 +170,11 @@ class Database:
         self._password = _password(url)
         self.pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, timeout=timeout, configure=_configure,
-            check=ConnectionPool.check_connection, kwargs={"connect_timeout": max(1, int(timeout))},
+            check=ConnectionPool.check_connection,
+            # a database that stops answering without closing the connection (a partition) is noticed by TCP
+            # keepalives, and no statement runs past STATEMENT_TIMEOUT: no request hangs on the store
+            kwargs={"connect_timeout": max(1, int(timeout)), "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
             reconnect_timeout=float("inf"), name="embedlift",
         )
 

@@ -227,7 +227,7 @@ class PostgresStore(CollectionStore):
         """``(keys, base vectors)`` of the documents ``seqs`` still present."""
         with self.db.transaction() as conn:
             rows = conn.execute(f"SELECT key, embedding FROM {self.t['windows']} WHERE seq = ANY(%s) ORDER BY key", (list(seqs),)).fetchall()
-        dim = self.read_config().dim if not rows else len(rows[0][1])
+        dim = self.read_config().dim if not rows else len(_array(rows[0][1]))
         return np.array([r[0] for r in rows], np.int64), (np.stack([_array(r[1]) for r in rows]) if rows else np.zeros((0, dim), np.float32))
 
     def postings_of(self, seqs: Sequence[int]) -> Postings:
@@ -664,24 +664,47 @@ def _select(p: Postings, keep: np.ndarray) -> Postings:
 
 class FollowingView(CollectionIndex):
     """An ``apply_to: both`` adapter's document view (FAISS over the stored base vectors mapped by its document
-    transform) in this replica's memory, rebuilt when any replica has written since it was built."""
+    transform) in this replica's memory, following the write log before every search as the lexical index does:
+    removed windows leave it, added documents' windows are read back and mapped in (idempotent by key)."""
 
     def __init__(self, store: PostgresStore, config: CollectionConfig, transform: Transform, label: str) -> None:
         self.store, self.config, self.transform, self.label = store, config, transform, label
         self._lock = threading.Lock()
-        self._seen, self._inner = self._build()
+        self._build()
 
-    def _build(self) -> tuple[int, FaissIndex]:
-        generation = self.store.generation()
-        return generation, FaissIndex(self.store, self.config, self.transform, self.label).load()
+    def _build(self) -> None:
+        self._seen = self.store.generation()  # read first: a write after it is applied again, harmlessly
+        self._inner = FaissIndex(self.store, self.config, self.transform, self.label).load()
+        self._keys = {int(k) for keys, _ in self.store.iter_windows() for k in keys.tolist()}
 
     @property
     def kind(self) -> str:  # type: ignore[override]
         return self._inner.kind
 
-    def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+    def catch_up(self) -> None:
+        generation, writes = self.store.changes_since(self._seen)
+        if generation == self._seen:
+            return
         with self._lock:
-            if self.store.generation() != self._seen:
-                self._seen, self._inner = self._build()
-            inner = self._inner
-        return inner.dense(queries, n, selection)
+            if writes is None:
+                self._build()
+                return
+            for removed, added in writes:
+                gone = np.array([k for k in removed.tolist() if k in self._keys], np.int64)
+                if len(gone):
+                    self._inner.apply(Changes(removed=gone))
+                    self._keys.difference_update(gone.tolist())
+                if added:
+                    keys, vectors = self.store.windows_of(added)
+                    fresh = np.array([int(k) not in self._keys for k in keys], bool)
+                    if fresh.any():
+                        self._inner.apply(Changes(added=[(keys[fresh], vectors[fresh])]))
+                        self._keys.update(keys[fresh].tolist())
+            self._seen = generation
+
+    def apply(self, changes: Changes) -> None:
+        """Nothing: this replica's writes are followed from the log like every other's."""
+
+    def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+        self.catch_up()
+        return self._inner.dense(queries, n, selection)
