@@ -485,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(prefer EMBEDLIFT_STORE: flags show in `ps`); default: the embedded store under --data-dir")
     s.add_argument("--store-pool", help="connections to the store at most (default 10)")
     s.add_argument("--store-timeout", help="seconds a request waits for the store before a 503 (default 5)")
+    s.add_argument("--job-lease", help="seconds a background job's replica may stop vouching for it before another replica "
+                   "takes it over (PostgreSQL store; default 30)")
     s.add_argument("--cache-store", help="base-embedding cache of background work: local (a file under --data-dir, default) "
                    "or store (the PostgreSQL store, shared by the fleet)")
     s.add_argument("--adapter", help="adapter to activate at start")
