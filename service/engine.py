@@ -282,18 +282,22 @@ class Engine:
         normalize: bool = True,
         truncate: bool = False,
         return_windows: bool = False,
+        allow_blank: bool = False,
     ) -> EmbedResult:
         """Embed inputs through the base (cached) and the resolved adapter.
 
         An input longer than the model's window is the normalised mean of its windows' vectors (no content
         dropped) unless ``truncate`` asks for its first window only; ``return_windows`` also returns every
-        window's own vector and span.
+        window's own vector and span. ``allow_blank``: whitespace-only inputs are embedded (text decoded from
+        token ids), not refused.
         """
-        limits.check_texts(texts, self.settings)
+        limits.check_texts(texts, self.settings, allow_blank=allow_blank)
         chosen = self.resolve(adapter)
         with self.admission:
             transform = self._transform(chosen, role, normalize)
             spans = await self._plan(texts, role)
+            tokens = sum(self.encoder.count_tokens(texts))
+            limits.check_request_tokens(tokens, len(texts), self.settings)
             flat, counts = window_texts(texts, spans)
             per_window: np.ndarray | None = None
             if truncate:
@@ -312,7 +316,7 @@ class Engine:
                 vectors=transform(vectors),
                 adapter=chosen.label if chosen else BASE,
                 windows=windows,
-                tokens=sum(self.encoder.count_tokens(texts)),
+                tokens=tokens,
                 window_vectors=window_vectors,
             )
 

@@ -11,17 +11,29 @@ from embedlift.service.schemas import Document, is_blank
 from embedlift.service.settings import Settings
 
 
-def check_texts(texts: Sequence[str], settings: Settings, what: str = "input") -> None:
-    """Inputs of an embedding or search request: not empty, not blank, within the count and size limits."""
+def check_texts(texts: Sequence[str], settings: Settings, what: str = "input", *, allow_blank: bool = False) -> None:
+    """Inputs of an embedding or search request: not empty, not blank (unless ``allow_blank``: text decoded from
+    token ids is what the client tokenised, whitespace included), within the count and size limits."""
     if not texts:
         raise InvalidInputError(f"{what} is empty; send a string or a non-empty list of strings")
     if len(texts) > settings.max_inputs:
-        raise TooLargeError(f"{len(texts)} inputs > maximum allowed {settings.max_inputs} per request; split the batch")
+        raise TooLargeError(
+            f"{len(texts)} inputs > maximum allowed {settings.max_inputs} per request (and at most {settings.max_request_tokens} tokens); split the batch"
+        )
     for i, text in enumerate(texts):
         if len(text) > settings.max_input_chars:
             raise TooLargeError(f"{what}[{i}] has {len(text)} characters > maximum allowed {settings.max_input_chars}; split it")
-        if is_blank(text):
+        if is_blank(text) and not allow_blank:
             raise InvalidInputError(f"{what}[{i}] is empty; every input must contain text")
+
+
+def check_request_tokens(tokens: int, inputs: int, settings: Settings) -> None:
+    """An embedding request's total tokens (its inputs as the model tokenises them, every window counted)."""
+    if tokens > settings.max_request_tokens:
+        raise TooLargeError(
+            f"the request's {inputs} inputs hold {tokens} tokens > maximum allowed {settings.max_request_tokens} tokens per request "
+            f"(and at most {settings.max_inputs} inputs); split the batch"
+        )
 
 
 def check_k(k: int, settings: Settings) -> None:

@@ -146,16 +146,21 @@ class EmbedResponse(msgspec.Struct, kw_only=True):
     usage: Usage
 
 
+#: A token id of cl100k_base (``models/bpe.py``): its 100256 ranks and its five special tokens.
+CL100K_ID = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 100255}, {"enum": [100257, 100258, 100259, 100260, 100276]}]}
+
+
 class OpenAIEmbeddingRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/embeddings``: OpenAI's request. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
-    # Token-id arrays are parsed only to be refused with a 400 that says how to stop LangChain sending them;
-    # the spec declares what is accepted.
+    # Text, or token ids (what LangChain's OpenAIEmbeddings sends by default: decoded with its encoding).
     input: Annotated[
         str | list[str | int | list[int]],
         Meta(extra_json_schema=spec(oneOf=[
             {"type": "string", "pattern": NOT_BLANK},
             {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
+            {"type": "array", "minItems": 1, "items": CL100K_ID},
+            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": CL100K_ID}},
         ])),
     ]
     model: str = "active"

@@ -48,7 +48,9 @@ class Settings:
         adapter: Adapter to activate at start (overrides the remembered one).
         api_key: Bearer key for read routes (embed, search, eval); ``None`` = open.
         admin_key: Bearer key for mutating routes (collections, adapters); ``None`` = open.
-        max_inputs: Inputs per request.
+        max_inputs: Inputs per request (OpenAI's limit: 2048).
+        max_request_tokens: Tokens per embedding request, all inputs together as the base tokenises them: the
+            real bound on a request's size (LangChain sends up to 1000 texts a request).
         max_input_chars: Characters per input.
         max_body_bytes: Request body size (JSON routes).
         max_upload_bytes: Size of a checkpoint tar uploaded to ``POST /adapters``.
@@ -86,7 +88,8 @@ class Settings:
     adapter: str | None = None
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
-    max_inputs: Positive = 256
+    max_inputs: Positive = 2048
+    max_request_tokens: Positive = 300_000
     max_input_chars: Positive = 65_536
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 1 << 30

@@ -214,8 +214,10 @@ def test_openai_errors_are_openai_shaped(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=READ_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError, match="available"):
         client.embeddings.create(model="nope", input="x")
-    with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length=False"):
-        client.embeddings.create(model="base", input=[[1, 2, 3]])
+    with pytest.raises(openai.BadRequestError, match=r"input\[1\]\[2\] = 100256 is not a token id of cl100k_base"):
+        client.embeddings.create(model="base", input=[[1, 2, 3], [4, 5, 100256]])  # 100256: a hole in the vocabulary
+    with pytest.raises(openai.BadRequestError, match="not a mix"):
+        client.embeddings.create(model="base", input=["text", 5])  # type: ignore[list-item]
     with pytest.raises(openai.BadRequestError, match="dimensions=64 is not supported"):
         client.embeddings.create(model="base", input="x", dimensions=64)
     r = httpx.post(f"{server}/v1/embeddings", json={"model": "nope", "input": "x"}, headers=READ)
@@ -228,7 +230,7 @@ def test_openai_errors_are_openai_shaped(server):
     [
         ("/embed", {"input": []}, 400, "input is empty"),
         ("/embed", {"input": "  "}, 400, "input[0] is empty"),
-        ("/embed", {"input": ["x"] * 257}, 413, "257 inputs > maximum allowed 256"),
+        ("/embed", {"input": ["x"] * 2049}, 413, "2049 inputs > maximum allowed 2048"),
         ("/embed", {"input": "x" * 70_000}, 413, "70000 characters > maximum allowed 65536"),
         ("/embed", {"input": "x", "surprise": 1}, 400, "surprise"),
         ("/embed", {"input": 5}, 400, "input"),

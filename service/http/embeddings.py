@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 from litestar import Controller, Response, get, post
 from litestar.params import JSONBody
 
+from embedlift.models.bpe import decode, is_token_ids
 from embedlift.models.errors import InvalidInputError
 from embedlift.service.engine import BASE, EmbedResult
 from embedlift.service.http.state import EngineDep
@@ -56,16 +58,16 @@ def result_headers(result: EmbedResult) -> dict[str, str]:
     return {ADAPTER_HEADER: result.adapter, WINDOWS_HEADER: ",".join(map(str, result.windows))}
 
 
-def openai_texts(value: Any) -> list[str]:
-    """OpenAI's ``input`` as a list of strings; token-id arrays are refused with the LangChain fix."""
+async def openai_texts(value: Any, model: str) -> tuple[list[str], int | None]:
+    """OpenAI's ``input`` as texts, and the number of token ids when it came as ids (``models/bpe.py``: decoded
+    with the encoding the client used, as LangChain's ``OpenAIEmbeddings`` sends by default)."""
     if isinstance(value, str):
-        return [value]
+        return [value], None
+    if is_token_ids(value):
+        return await asyncio.to_thread(decode, value, model)
     if any(not isinstance(v, str) for v in value):
-        raise InvalidInputError(
-            "input must be a string or a list of strings; token-id arrays are not supported. "
-            "LangChain's OpenAIEmbeddings sends them unless you set check_embedding_ctx_length=False"
-        )
-    return list(value)
+        raise InvalidInputError("input must be a string, a list of strings, a list of token ids or a list of lists of token ids, not a mix")
+    return list(value), None
 
 
 class EmbedController(Controller):
@@ -97,8 +99,10 @@ class EmbedController(Controller):
     @post("/v1/embeddings", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, openai=True))
     async def openai_embeddings(self, data: JSONBody[OpenAIEmbeddingRequest], engine: EngineDep) -> Response[OpenAIEmbeddingResponse]:
         """OpenAI-compatible. ``model``: ``base``, ``active`` or an adapter name; ``<name>:document`` embeds
-        documents (plain names embed queries)."""
-        texts = openai_texts(data.input)
+        documents (plain names embed queries). ``input`` may be token ids (LangChain's default): they are decoded
+        with the encoding tiktoken uses for ``model`` (``cl100k_base`` for names it does not know) and the text
+        embedded as usual; ``usage`` counts the ids received."""
+        texts, ids = await openai_texts(data.input, data.model)
         name, role = data.model, "query"
         if name.endswith(DOCUMENT_SUFFIX):
             name, role = name[: -len(DOCUMENT_SUFFIX)], "document"
@@ -106,11 +110,12 @@ class EmbedController(Controller):
             raise InvalidInputError(
                 f"dimensions={data.dimensions} is not supported: {engine.base.name} returns {engine.base.dim} dimensions; omit the parameter"
             )
-        result = await engine.embed(texts, role, None if name == "active" else name)  # type: ignore[arg-type]
+        result = await engine.embed(texts, role, None if name == "active" else name, allow_blank=ids is not None)  # type: ignore[arg-type]
+        used = ids if ids is not None else result.tokens  # ids: what the client counted and sent
         body = OpenAIEmbeddingResponse(
             data=encode_result(result, data.encoding_format),
             model=data.model,
-            usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens),
+            usage=Usage(prompt_tokens=used, total_tokens=used),
         )
         return Response(body, headers=result_headers(result))
 
