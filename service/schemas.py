@@ -439,3 +439,69 @@ class OpenAIError(msgspec.Struct, kw_only=True):
     """``/v1/*`` errors, in OpenAI's ``{"error": {...}}`` shape."""
 
     error: OpenAIErrorDetail
+
+
+# ------------------------------------------------------------------------------------------------- TEI
+#: The ``prompt_name`` values TEI clients send that embedlift maps to a role (query; the rest documents).
+PromptName = Literal["query", "document", "passage", "text", "corpus"]
+
+class TEIEmbedRequest(msgspec.Struct, kw_only=True):
+    """``POST /tei/embed`` (and ``/tei``): text-embeddings-inference's request. ``truncate`` and
+    ``truncation_direction`` are accepted, but a long input is always windowed, never cut."""
+
+    inputs: Annotated[
+        str | list[str],
+        Meta(extra_json_schema=spec(oneOf=[
+            {"type": "string", "pattern": NOT_BLANK},
+            {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
+        ])),
+    ]
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: Literal["left", "right", "Left", "Right"] = "right"
+    prompt_name: PromptName | None = None
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+
+
+class TEITokenizeRequest(msgspec.Struct, kw_only=True):
+    """``POST /tei/tokenize``."""
+
+    inputs: Annotated[
+        str | list[str],
+        Meta(extra_json_schema=spec(oneOf=[
+            {"type": "string", "pattern": NOT_BLANK},
+            {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
+        ])),
+    ]
+    add_special_tokens: bool = True
+    prompt_name: PromptName | None = None
+
+
+class TEIToken(msgspec.Struct, kw_only=True):
+    id: int
+    text: str
+    special: bool
+    start: int | None = None
+    stop: int | None = None
+
+
+class TEIInfo(msgspec.Struct, kw_only=True):
+    """``GET /tei/info``: TEI's fields that clients read, and the dimension."""
+
+    model_id: str
+    model_dtype: str
+    model_type: dict[str, Any]
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_client_batch_size: int
+    auto_truncate: bool
+    version: str
+    dimension: int
+
+
+class TEIError(msgspec.Struct, kw_only=True):
+    """TEI's error body."""
+
+    error: str
+    error_type: str

@@ -33,6 +33,7 @@ from embedlift.service.http.jobs import JobsController
 from embedlift.service.http.openapi import declare_body_rules, openapi_config
 from embedlift.service.http.ops import MetricsController, OpsController
 from embedlift.service.http.state import STATE_KEY, ServiceState, dependencies
+from embedlift.service.http.tei import TEIController
 from embedlift.service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     prometheus = PrometheusConfig(app_name="embedlift", prefix="embedlift", group_path=True, exclude=["/metrics"])
     app = Litestar(
         route_handlers=[
-            OpsController, MetricsController, EmbedController, CollectionsController, EvalController, JobsController, AdaptersController,
+            OpsController, MetricsController, EmbedController, TEIController, CollectionsController, EvalController, JobsController, AdaptersController,
             # the playground: static files calling the public API with the keys the user types (so no auth here)
             create_static_files_router(path="/ui", directories=[UI_DIR], html_mode=True, include_in_schema=False, name="ui"),
         ],

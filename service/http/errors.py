@@ -18,7 +18,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
 from embedlift.models.errors import EmbedliftError, status_codes
-from embedlift.service.schemas import ErrorBody, OpenAIError, OpenAIErrorDetail, enum_fields
+from embedlift.service.schemas import ErrorBody, OpenAIError, OpenAIErrorDetail, TEIError, enum_fields
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,17 @@ logger = logging.getLogger(__name__)
 HTTP_CODES = {**status_codes(), 405: "method_not_allowed", 415: "unsupported_media_type"}
 
 
+#: TEI's ``error_type`` by status (its own are Validation, Overloaded, Unhealthy, Backend, Tokenizer, Empty).
+TEI_TYPES = {401: "Unauthorized", 403: "Forbidden", 429: "Overloaded", 502: "Backend", 503: "Unhealthy"}
+
+
 def error_response(request: Request[Any, Any, Any], status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response[Any]:
     """An error body in the shape the route's clients read."""
     if request.url.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
         body: Any = OpenAIError(error=OpenAIErrorDetail(message=message, type=kind, code=code))
+    elif request.url.path == "/tei" or request.url.path.startswith("/tei/"):
+        body = TEIError(error=message, error_type=TEI_TYPES.get(status, "Validation" if status < 500 else "Backend"))
     else:
         body = ErrorBody(status_code=status, code=code, detail=message)
     return Response(body, status_code=status, headers=headers or None, media_type=MediaType.JSON)

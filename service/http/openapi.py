@@ -24,7 +24,7 @@ from litestar.openapi.spec import (
 from litestar.params import Parameter
 
 from embedlift.models.errors import status_table
-from embedlift.service.schemas import BODY_RULES, FILTER_SCHEMA, NAME_PATTERN, ErrorBody, OpenAIError, closed_bodies
+from embedlift.service.schemas import BODY_RULES, FILTER_SCHEMA, NAME_PATTERN, ErrorBody, OpenAIError, TEIError, closed_bodies
 
 # Collection and adapter names in paths: the pattern is in the spec, and a name outside it is a 400 that shows it.
 NamePath = Annotated[str, Parameter(pattern=NAME_PATTERN, description="a collection or adapter name")]
@@ -41,9 +41,9 @@ def documented(container: type, description: str) -> ResponseSpec:
     return ResponseSpec(data_container=container, description=description, generate_examples=False)
 
 
-def errors(*codes: int, openai: bool = False) -> dict[int, ResponseSpec]:
-    """The error responses of a route, in the native or OpenAI's body shape."""
-    body = OpenAIError if openai else ErrorBody
+def errors(*codes: int, openai: bool = False, tei: bool = False) -> dict[int, ResponseSpec]:
+    """The error responses of a route, in the native, OpenAI's or TEI's body shape."""
+    body: type = OpenAIError if openai else TEIError if tei else ErrorBody
     return {c: documented(body, STATUS_TABLE[c]) for c in codes}
 
 
