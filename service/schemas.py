@@ -444,18 +444,20 @@ class OpenAIError(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------------------------------------- TEI
 #: The ``prompt_name`` values TEI clients send that embedlift maps to a role (query; the rest documents).
 PromptName = Literal["query", "document", "passage", "text", "corpus"]
+#: TEI's ``inputs``: one text or a list of them, none blank.
+TEIInputs = Annotated[
+    str | list[str],
+    Meta(extra_json_schema=spec(oneOf=[
+        {"type": "string", "pattern": NOT_BLANK},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
+    ])),
+]
 
 class TEIEmbedRequest(msgspec.Struct, kw_only=True):
     """``POST /tei/embed`` (and ``/tei``): text-embeddings-inference's request. ``truncate`` and
     ``truncation_direction`` are accepted, but a long input is always windowed, never cut."""
 
-    inputs: Annotated[
-        str | list[str],
-        Meta(extra_json_schema=spec(oneOf=[
-            {"type": "string", "pattern": NOT_BLANK},
-            {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
-        ])),
-    ]
+    inputs: TEIInputs
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: Literal["left", "right", "Left", "Right"] = "right"
@@ -466,13 +468,7 @@ class TEIEmbedRequest(msgspec.Struct, kw_only=True):
 class TEITokenizeRequest(msgspec.Struct, kw_only=True):
     """``POST /tei/tokenize``."""
 
-    inputs: Annotated[
-        str | list[str],
-        Meta(extra_json_schema=spec(oneOf=[
-            {"type": "string", "pattern": NOT_BLANK},
-            {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": NOT_BLANK}},
-        ])),
-    ]
+    inputs: TEIInputs
     add_special_tokens: bool = True
     prompt_name: PromptName | None = None
 

@@ -606,12 +606,42 @@ class PostgresIndex(CollectionIndex):
         return out
 
 
-class FollowingLexicalIndex(MemoryLexicalIndex):
+class LogFollower:
+    """An index in this replica's memory that follows a collection's write log (``embedlift.changes``):
+    ``catch_up`` applies the writes committed after generation ``_seen`` (idempotent by window key: keys are
+    never reused), or reloads when one of them changed everything or the log no longer holds them all."""
+
+    store: PostgresStore
+    _seen: int
+    _lock: Any
+
+    def _reload(self) -> None:
+        raise NotImplementedError
+
+    def _apply_write(self, removed: np.ndarray, added: list[int]) -> None:
+        raise NotImplementedError
+
+    def _caught_up(self) -> None:
+        """After the writes were applied."""
+
+    def catch_up(self) -> None:
+        generation, writes = self.store.changes_since(self._seen)
+        if generation == self._seen:
+            return
+        with self._lock:
+            if writes is None:
+                self._reload()
+                return
+            for removed, added in writes:
+                self._apply_write(removed, added)
+            self._seen = generation
+            self._caught_up()
+
+
+class FollowingLexicalIndex(LogFollower, MemoryLexicalIndex):
     """The collection's postings in this replica's memory (``MemoryLexicalIndex``: the embedded store's BM25,
-    its speed and its exact scores), following the write log: each search first applies the writes any replica
-    committed since the last one (removed windows, added documents' postings read back), so it scores exactly
-    what the database holds. Applying is idempotent by window key (keys are never reused); a write that changed
-    everything (an analyzer change, a re-index), or a log this replica is too far behind, reloads it."""
+    its speed and its exact scores), following the write log before each search (removed windows leave it, added
+    documents' postings are read back), so it scores exactly what the database holds."""
 
     store: PostgresStore
 
@@ -629,26 +659,22 @@ class FollowingLexicalIndex(MemoryLexicalIndex):
     def apply(self, changes: Changes) -> None:
         """Nothing: this replica's writes are in the log like every other's, and followed at the next search."""
 
-    def catch_up(self) -> None:
-        generation, writes = self.store.changes_since(self._seen)
-        if generation == self._seen:
-            return
-        with self._lock:
-            if writes is None:
-                self.load()
-                return
-            for removed, added in writes:
-                self._generation += 1
-                self._weights.clear()
-                self._remove(removed)
-                if added:
-                    postings = self.store.postings_of(added)
-                    fresh = np.array([not self.has(int(k)) for k in postings.keys], bool)
-                    if fresh.any():
-                        self._append(_select(postings, fresh))
-            self._seen = generation
-            if self.status != "ready" and self.store.postings_state() == self.analyzer.version:
-                self.status = "ready"  # another replica finished building the postings
+    def _reload(self) -> None:
+        self.load()
+
+    def _apply_write(self, removed: np.ndarray, added: list[int]) -> None:
+        self._generation += 1
+        self._weights.clear()
+        self._remove(removed)
+        if added:
+            postings = self.store.postings_of(added)
+            fresh = np.array([not self.has(int(k)) for k in postings.keys], bool)
+            if fresh.any():
+                self._append(_select(postings, fresh))
+
+    def _caught_up(self) -> None:
+        if self.status != "ready" and self.store.postings_state() == self.analyzer.version:
+            self.status = "ready"  # another replica finished building the postings
 
     def lexical(self, queries: Sequence[Sequence[str]], n: int, selection: Selection | None = None) -> list[Candidates]:
         self.catch_up()
@@ -662,7 +688,7 @@ def _select(p: Postings, keep: np.ndarray) -> Postings:
     return Postings(keys=p.keys[keep], lengths=p.lengths[keep], window_of=renumber[p.window_of[mine]], term_ids=p.term_ids[mine], tfs=p.tfs[mine])
 
 
-class FollowingView(CollectionIndex):
+class FollowingView(LogFollower, CollectionIndex):
     """An ``apply_to: both`` adapter's document view (FAISS over the stored base vectors mapped by its document
     transform) in this replica's memory, following the write log before every search as the lexical index does:
     removed windows leave it, added documents' windows are read back and mapped in (idempotent by key)."""
@@ -681,26 +707,20 @@ class FollowingView(CollectionIndex):
     def kind(self) -> str:  # type: ignore[override]
         return self._inner.kind
 
-    def catch_up(self) -> None:
-        generation, writes = self.store.changes_since(self._seen)
-        if generation == self._seen:
-            return
-        with self._lock:
-            if writes is None:
-                self._build()
-                return
-            for removed, added in writes:
-                gone = np.array([k for k in removed.tolist() if k in self._keys], np.int64)
-                if len(gone):
-                    self._inner.apply(Changes(removed=gone))
-                    self._keys.difference_update(gone.tolist())
-                if added:
-                    keys, vectors = self.store.windows_of(added)
-                    fresh = np.array([int(k) not in self._keys for k in keys], bool)
-                    if fresh.any():
-                        self._inner.apply(Changes(added=[(keys[fresh], vectors[fresh])]))
-                        self._keys.update(keys[fresh].tolist())
-            self._seen = generation
+    def _reload(self) -> None:
+        self._build()
+
+    def _apply_write(self, removed: np.ndarray, added: list[int]) -> None:
+        gone = np.array([k for k in removed.tolist() if k in self._keys], np.int64)
+        if len(gone):
+            self._inner.apply(Changes(removed=gone))
+            self._keys.difference_update(gone.tolist())
+        if added:
+            keys, vectors = self.store.windows_of(added)
+            fresh = np.array([int(k) not in self._keys for k in keys], bool)
+            if fresh.any():
+                self._inner.apply(Changes(added=[(keys[fresh], vectors[fresh])]))
+                self._keys.update(keys[fresh].tolist())
 
     def apply(self, changes: Changes) -> None:
         """Nothing: this replica's writes are followed from the log like every other's."""
