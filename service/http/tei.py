@@ -12,7 +12,7 @@ errors have TEI's body, ``{"error", "error_type"}`` (``errors.py``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, get, post
 from litestar.params import JSONBody, Parameter
@@ -30,6 +30,9 @@ def role_of(prompt_name: str | None, default: Role) -> Role:
     if prompt_name is None:
         return default
     return "query" if prompt_name == "query" else "document"
+
+
+AdapterQuery = Annotated[str | None, Parameter(query="adapter", description="adapter (default: the active one; `base`: none)")]
 
 
 def texts_of(inputs: str | list[str]) -> list[str]:
@@ -52,25 +55,29 @@ class TEIController(Controller):
         vectors: list[list[float]] = result.vectors.tolist()
         return vectors
 
-    @post(["/", "/embed"], status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, tei=True))
-    async def embed(
-        self, data: JSONBody[TEIEmbedRequest], engine: EngineDep,
-        adapter: str | None = Parameter(default=None, description="adapter (default: the active one; `base`: none)"),
-    ) -> list[list[float]]:
+    # One handler per path (not one with a list of paths: Litestar keeps those in a set, so the spec's order
+    # and operation ids would change from run to run).
+    @post("/embed", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, tei=True))
+    async def embed(self, data: JSONBody[TEIEmbedRequest], engine: EngineDep, adapter: AdapterQuery = None) -> list[list[float]]:
         """TEI's ``/embed``: one vector per input, as documents unless ``prompt_name`` is ``query``."""
         return await self._embed(data, engine, adapter, "document")
 
-    @post(["/query", "/query/embed"], status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, tei=True))
-    async def embed_queries(
-        self, data: JSONBody[TEIEmbedRequest], engine: EngineDep,
-        adapter: str | None = Parameter(default=None, description="adapter (default: the active one; `base`: none)"),
-    ) -> list[list[float]]:
+    @post("/", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, tei=True))
+    async def embed_at_root(self, data: JSONBody[TEIEmbedRequest], engine: EngineDep, adapter: AdapterQuery = None) -> list[list[float]]:
+        """``/embed`` at the base URL, where huggingface_hub's ``InferenceClient(model=URL)`` posts."""
+        return await self._embed(data, engine, adapter, "document")
+
+    @post("/query/embed", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, tei=True))
+    async def embed_queries(self, data: JSONBody[TEIEmbedRequest], engine: EngineDep, adapter: AdapterQuery = None) -> list[list[float]]:
         """TEI's ``/embed`` for the query side: one vector per input, through the adapter as queries."""
         return await self._embed(data, engine, adapter, "query")
 
-    @get(["/info", "/query/info"], responses=errors(401, 403, 503, tei=True))
-    async def info(self, engine: EngineDep, settings: SettingsDep) -> TEIInfo:
-        """The model and the limits, in TEI's fields (and the dimension)."""
+    @post("/query", status_code=200, responses=errors(400, 401, 403, 404, 413, 429, 502, 503, tei=True))
+    async def embed_queries_at_root(self, data: JSONBody[TEIEmbedRequest], engine: EngineDep, adapter: AdapterQuery = None) -> list[list[float]]:
+        """The query side's ``/embed`` at its base URL."""
+        return await self._embed(data, engine, adapter, "query")
+
+    def _info(self, engine: Any, settings: Any) -> TEIInfo:
         base = engine.base
         described = base.describe()
         return TEIInfo(
@@ -80,15 +87,33 @@ class TEIController(Controller):
             version="embedlift-0.1.0", dimension=base.dim,
         )
 
-    @post(["/tokenize", "/query/tokenize"], status_code=200, responses=errors(400, 401, 403, 413, 503, tei=True))
-    async def tokenize(self, data: JSONBody[TEITokenizeRequest], engine: EngineDep, settings: SettingsDep) -> list[list[TEIToken]]:
-        """The base model's tokens of each input, with their character offsets."""
+    @get("/info", responses=errors(401, 403, 503, tei=True))
+    async def info(self, engine: EngineDep, settings: SettingsDep) -> TEIInfo:
+        """The model and the limits, in TEI's fields (and the dimension)."""
+        return self._info(engine, settings)
+
+    @get("/query/info", responses=errors(401, 403, 503, tei=True))
+    async def query_info(self, engine: EngineDep, settings: SettingsDep) -> TEIInfo:
+        """``/info`` on the query side."""
+        return self._info(engine, settings)
+
+    async def _tokenize(self, data: TEITokenizeRequest, engine: Any, settings: Any) -> list[list[TEIToken]]:
         texts = texts_of(data.inputs)
         limits.check_texts(texts, settings, "inputs")
         tokenizer = getattr(getattr(engine.base, "model", None), "tokenizer", None)
         if tokenizer is None:
             raise InvalidInputError(f"the base {engine.base.name} has no local tokenizer to show")
         return await asyncio.to_thread(_tokens, tokenizer, texts, data.add_special_tokens)
+
+    @post("/tokenize", status_code=200, responses=errors(400, 401, 403, 413, 503, tei=True))
+    async def tokenize(self, data: JSONBody[TEITokenizeRequest], engine: EngineDep, settings: SettingsDep) -> list[list[TEIToken]]:
+        """The base model's tokens of each input, with their character offsets."""
+        return await self._tokenize(data, engine, settings)
+
+    @post("/query/tokenize", status_code=200, responses=errors(400, 401, 403, 413, 503, tei=True))
+    async def query_tokenize(self, data: JSONBody[TEITokenizeRequest], engine: EngineDep, settings: SettingsDep) -> list[list[TEIToken]]:
+        """``/tokenize`` on the query side."""
+        return await self._tokenize(data, engine, settings)
 
 
 def _tokens(tokenizer: Any, texts: list[str], special: bool) -> list[list[TEIToken]]:
