@@ -385,12 +385,17 @@ class AdapterRegistry:
             del self._adapters[name]
             self._state.signatures.pop(name, None)
             self._save()
-            path = self.adapters_dir / name
-            if path.is_dir():
-                trash = Path(tempfile.mkdtemp(prefix=f".{name}.deleted-", dir=self.adapters_dir))
-                os.replace(path, trash / "ckpt")
-                shutil.rmtree(trash, ignore_errors=True)
+            self._remove_directory(name)
         logger.info("adapter %s deleted", loaded.label)
+
+    def _remove_directory(self, name: str) -> None:
+        """Remove ``adapters_dir/name`` (renamed aside first, then deleted), else the watcher would register it
+        again."""
+        path = self.adapters_dir / name
+        if path.is_dir():
+            trash = Path(tempfile.mkdtemp(prefix=f".{name}.deleted-", dir=self.adapters_dir))
+            os.replace(path, trash / "ckpt")
+            shutil.rmtree(trash, ignore_errors=True)
 
     def _save(self) -> None:
         if self.shared is None:
@@ -410,7 +415,7 @@ class AdapterRegistry:
                 if self._failed.get(name) == sha:
                     continue
                 try:
-                    path = self.shared.materialise(self.adapters_dir, name, version)
+                    path = self.shared.materialise(self.adapters_dir, name, version, sha)
                     loaded = LoadedAdapter(name=name, version=version, checkpoint=self._load(path), signature=signature(path))
                 except EmbedliftError as exc:
                     logger.warning("adapter %s@%d from the store not loaded here: %s", name, version, exc.message)
@@ -425,11 +430,7 @@ class AdapterRegistry:
             for name in sorted(set(self._adapters) - set(snap.adapters)):
                 with self._lock:
                     del self._adapters[name]
-                path = self.adapters_dir / name
-                if path.is_dir():  # else the directory watcher would register it again
-                    trash = Path(tempfile.mkdtemp(prefix=f".{name}.deleted-", dir=self.adapters_dir))
-                    os.replace(path, trash / "ckpt")
-                    shutil.rmtree(trash, ignore_errors=True)
+                self._remove_directory(name)
                 logger.info("adapter %s deleted in the store", name)
             with self._lock:
                 active = self._adapters.get(snap.active) if snap.active else None

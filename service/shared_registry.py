@@ -105,13 +105,14 @@ class DatabaseAdapters(RegistryStateStore):
             raise CheckpointError(f"adapter {name!r} version {version} in {self.db.where} does not match its sha256; register it again")
         return config, weights
 
-    def materialise(self, adapters_dir: Path, name: str, version: int) -> Path:
-        """Write a version's files to ``adapters_dir/name`` (whole, by a rename), unless they are there already."""
-        config, weights = self.files(name, version)
+    def materialise(self, adapters_dir: Path, name: str, version: int, sha256: str) -> Path:
+        """Write a version's files (``sha256``: as the snapshot lists them) to ``adapters_dir/name`` (whole, by a
+        rename), unless the files there already hash to it: then nothing is read from the database."""
         target = adapters_dir / name
         if target.is_dir() and (target / CONFIG_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
-            if files_sha256(*read_files(target)) == files_sha256(config, weights):
+            if files_sha256(*read_files(target)) == sha256:
                 return target
+        config, weights = self.files(name, version)
         adapters_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.sync-", dir=adapters_dir))
         try:
@@ -128,7 +129,7 @@ class DatabaseAdapters(RegistryStateStore):
         """The active adapter's files in ``adapters_dir`` (read before the base loads, for its base settings)."""
         snap = self.snapshot()
         if snap.active is not None and snap.active in snap.adapters:
-            self.materialise(adapters_dir, snap.active, snap.adapters[snap.active][0])
+            self.materialise(adapters_dir, snap.active, *snap.adapters[snap.active])
 
     # changes: each one transaction, bumping the generation and notifying every replica ---------------
     def _changed(self, conn: Any) -> None:

@@ -66,6 +66,12 @@ class FaissIndex(CollectionIndex):
             self._index = index
         return self
 
+    def keys(self) -> np.ndarray:
+        """The window keys the index holds (deleted ones left out)."""
+        with self._lock:
+            held = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            return held[~np.isin(held, list(self._deleted))] if self._deleted else held
+
     @property
     def ntotal(self) -> int:
         """Windows in the index (deleted HNSW keys included until the next rebuild)."""

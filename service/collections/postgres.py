@@ -23,6 +23,7 @@ write through one replica is searched through every other at once.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -255,7 +256,11 @@ class PostgresStore(CollectionStore):
 
     def read_config(self) -> CollectionConfig:
         with self.db.transaction() as conn:
-            row = conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
+            return self.read_config_in(conn)
+
+    def read_config_in(self, conn: Any) -> CollectionConfig:
+        """The config, read in the caller's transaction."""
+        row = conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
         if row is None:
             raise NotFoundError(f"collection {self.name!r} was deleted")
         return msgspec.json.decode(row[0], type=CollectionConfig)
@@ -290,17 +295,15 @@ class PostgresStore(CollectionStore):
         if not rows:
             return np.zeros(0, np.int64), [i for i in ids if i not in present]
         seqs = [r[0] for r in rows]
-        stats = conn.execute(
-            f"SELECT count(*), count(terms), coalesce(sum(terms), 0) FROM {t['windows']} WHERE seq = ANY(%s)", (seqs,)
-        ).fetchone()
-        keys = conn.execute(f"SELECT key FROM {t['windows']} WHERE seq = ANY(%s) ORDER BY key", (seqs,)).fetchall()
+        windows = conn.execute(f"SELECT key, terms FROM {t['windows']} WHERE seq = ANY(%s) ORDER BY key", (seqs,)).fetchall()
+        lengths = [n for _, n in windows if n is not None]  # the windows with postings leave the lexical statistics
         conn.execute(f"DELETE FROM {t['docs']} WHERE seq = ANY(%s)", (seqs,))
         conn.execute(
             f"UPDATE {SCHEMA}.collections SET documents = documents - %s, windows = windows - %s, "
             "lexical_windows = lexical_windows - %s, lexical_length = lexical_length - %s WHERE id = %s",
-            (len(seqs), stats[0], stats[1], stats[2], self.cid),
+            (len(seqs), len(windows), len(lengths), sum(lengths), self.cid),
         )
-        return np.array([k for (k,) in keys], dtype=np.int64), [i for i in ids if i not in present]
+        return np.array([k for k, _ in windows], dtype=np.int64), [i for i in ids if i not in present]
 
     def upsert(self, docs: Sequence[NewDocument]) -> Changes:
         for doc in docs:
@@ -316,12 +319,7 @@ class PostgresStore(CollectionStore):
             seq_of = dict(rows)
             added = [(window_keys(seq_of[d.id], len(d.spans)), d.vectors) for d in latest]
             lexical = [0, 0]
-            with conn.cursor().copy(f'COPY {t["windows"]} (key, seq, start, "end", terms, embedding) FROM STDIN (FORMAT BINARY)') as copy:
-                copy.set_types(["int8", "int8", "int4", "int4", "int4", "vector"])
-                for doc, (keys, vectors) in zip(latest, added, strict=True):
-                    for w, ((a, b), vector) in enumerate(zip(doc.spans, vectors, strict=True)):
-                        length = doc.terms[w].length if doc.terms is not None else None
-                        copy.write_row((int(keys[w]), seq_of[doc.id], a, b, length, np.asarray(vector, np.float32)))
+            self._copy_windows(conn, t["windows"], [(seq_of[d.id], d.spans, d.vectors, d.terms) for d in latest])
             postings = [self._postings_of(keys, doc.terms) for doc, (keys, _) in zip(latest, added, strict=True) if doc.terms is not None]
             if postings:
                 lexical = self._copy_postings(conn, t["postings"], postings)
@@ -338,9 +336,13 @@ class PostgresStore(CollectionStore):
                 _create_hnsw(conn, self.cid, self.read_config_in(conn))
         return Changes(removed=removed, added=added, postings=None)
 
-    def read_config_in(self, conn: Any) -> CollectionConfig:
-        row = conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()
-        return msgspec.json.decode(row[0], type=CollectionConfig)
+    def _copy_windows(self, conn: Any, table: str, per_doc: Sequence[tuple[int, Sequence[Span], np.ndarray, Sequence[WindowTerms] | None]]) -> None:
+        """COPY every document's windows (key, span, length in terms, base vector) into ``table``."""
+        with conn.cursor().copy(f'COPY {table} (key, seq, start, "end", terms, embedding) FROM STDIN (FORMAT BINARY)') as copy:
+            copy.set_types(["int8", "int8", "int4", "int4", "int4", "vector"])
+            for seq, spans, vectors, terms in per_doc:
+                for w, ((a, b), v) in enumerate(zip(spans, vectors, strict=True)):
+                    copy.write_row(((seq << WINDOW_BITS) + w, seq, a, b, terms[w].length if terms is not None else None, np.asarray(v, np.float32)))
 
     def _postings_of(self, keys: np.ndarray, windows: Sequence[WindowTerms]) -> list[tuple[int, WindowTerms]]:
         return [(int(k), w) for k, w in zip(keys, windows, strict=True)]
@@ -437,11 +439,7 @@ class PostgresStore(CollectionStore):
     def stage_windows(self, per_doc: Sequence[tuple[int, list[Span], np.ndarray, list[WindowTerms] | None]]) -> None:
         t = self.t
         with self.db.transaction() as conn:
-            with conn.cursor().copy(f'COPY {t["windows_staged"]} (key, seq, start, "end", terms, embedding) FROM STDIN (FORMAT BINARY)') as copy:
-                copy.set_types(["int8", "int8", "int4", "int4", "int4", "vector"])
-                for seq, spans, vectors, terms in per_doc:
-                    for w, ((a, b), v) in enumerate(zip(spans, vectors, strict=True)):
-                        copy.write_row(((seq << WINDOW_BITS) + w, seq, a, b, terms[w].length if terms is not None else None, np.asarray(v, np.float32)))
+            self._copy_windows(conn, t["windows_staged"], per_doc)
             postings = [self._postings_of(window_keys(seq, len(spans)), terms) for seq, spans, _, terms in per_doc if terms is not None]
             if postings:
                 self._copy_postings(conn, t["postings_staged"], postings)
@@ -449,9 +447,7 @@ class PostgresStore(CollectionStore):
     def swap_staged(self, fingerprint: str, dim: int, base: BaseSpec | None = None) -> CollectionConfig:
         t = self.t
         with self._write() as conn:
-            config = msgspec.json.decode(
-                conn.execute(f"SELECT config::text FROM {SCHEMA}.collections WHERE id = %s", (self.cid,)).fetchone()[0], type=CollectionConfig
-            )
+            config = self.read_config_in(conn)
             conn.execute(f"DELETE FROM {t['windows']}")  # postings cascade
             if dim != config.dim:
                 conn.execute(f"ALTER TABLE {t['windows']} ALTER COLUMN embedding TYPE vector({int(dim)})")
@@ -478,18 +474,13 @@ class PostgresStore(CollectionStore):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             windows = conn.execute(f"SELECT key, terms FROM {self.t['windows']} WHERE terms IS NOT NULL ORDER BY key").fetchall()
             rows = conn.execute(f"SELECT key, term, tf FROM {self.t['postings']} ORDER BY key").fetchall()
-        position = {k: i for i, (k, _) in enumerate(windows)}
-        ids = self._vocabulary
+        row_keys = [r[0] for r in rows]  # both ordered by key: each chunk of windows owns one run of rows
+        start = 0
         for i in range(0, len(windows), chunk):
             part = windows[i : i + chunk]
-            lo, hi = part[0][0], part[-1][0]
-            mine = [r for r in rows if lo <= r[0] <= hi]
-            yield Postings(
-                keys=np.array([k for k, _ in part], np.int64), lengths=np.array([n for _, n in part], np.float32),
-                window_of=np.array([position[k] - i for k, _, _ in mine], np.int64),
-                term_ids=np.array([ids.setdefault(term, len(ids)) for _, term, _ in mine], np.int64),
-                tfs=np.array([tf for _, _, tf in mine], np.float32),
-            )
+            end = bisect.bisect_right(row_keys, part[-1][0], lo=start)
+            yield self._postings(part, rows[start:end])
+            start = end
 
     def postings_state(self) -> str | None:
         with self.db.transaction() as conn:
@@ -701,7 +692,7 @@ class FollowingView(LogFollower, CollectionIndex):
     def _build(self) -> None:
         self._seen = self.store.generation()  # read first: a write after it is applied again, harmlessly
         self._inner = FaissIndex(self.store, self.config, self.transform, self.label).load()
-        self._keys = {int(k) for keys, _ in self.store.iter_windows() for k in keys.tolist()}
+        self._keys = set(self._inner.keys().tolist())
 
     @property
     def kind(self) -> str:  # type: ignore[override]
