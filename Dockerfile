@@ -30,11 +30,12 @@ COPY pyproject.toml README.md /src/
 COPY models /src/models
 COPY training /src/training
 COPY service /src/service
+COPY client /src/client
 RUN --mount=type=secret,id=ca \
     set -e; \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt; \
-    /opt/embedlift/bin/pip install -c /tmp/constraints.txt "/src[openvino,postgres]"; \
+    /opt/embedlift/bin/pip install -c /tmp/constraints.txt /src/client "/src[openvino,postgres]"; \
     HF_HUB_OFFLINE=1 /opt/embedlift/bin/python -c "from embedlift.models.encoders import LocalEncoder; print(LocalEncoder().fingerprint)"
 
 # ---------------------------------------------------------------------------------------------- runtime

@@ -12,21 +12,21 @@ FILES := $(VENV)/.embedlift-files
 setup: $(STAMP)
 
 # torch first, pinned to the CPU build, so the project's `torch<2.14` is already satisfied.
-$(DEPS): pyproject.toml
+$(DEPS): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e ./client -e '.[dev]' --config-settings editable_mode=strict
 	touch $(DEPS)
 
 # The editable install is setuptools' strict mode: a tree of links under build/__editable__.* that type
 # checkers and editors read as the real package `embedlift.*`. It links the files present when it ran, so the
 # list of source files is kept in $(FILES) and a file added or removed re-links (seconds, no dependencies).
-$(shell mkdir -p $(VENV) && find models training service -type f -not -path '*/__pycache__/*' | sort > $(FILES).new \
+$(shell mkdir -p $(VENV) && find models training service client/src -type f -not -path '*/__pycache__/*' | sort > $(FILES).new \
 	&& (cmp -s $(FILES).new $(FILES) || cp $(FILES).new $(FILES)); rm -f $(FILES).new)
 
 $(STAMP): $(DEPS) $(FILES)
-	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
+	$(BIN)/pip install -q --no-deps -e ./client -e . --config-settings editable_mode=strict
 	touch $(STAMP)
 
 serve: setup
@@ -44,7 +44,7 @@ bench-quality:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install -q --upgrade pip
 	.venv-bench/bin/pip install -q torch==2.13.0
-	.venv-bench/bin/pip install -q -e '.[bench]' --config-settings editable_mode=strict
+	.venv-bench/bin/pip install -q -e ./client -e '.[bench]' --config-settings editable_mode=strict
 	.venv-bench/bin/python benchmarks/quality.py
 
 # The serving benchmark: embedlift vs in-process sentence-transformers vs infinity, under wrk.

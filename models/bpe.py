@@ -79,11 +79,11 @@ def decode(value: list[Any], model: str) -> tuple[list[str], int]:
     for i, ids in enumerate(rows):
         where = "input" if flat else f"input[{i}]"
         if not isinstance(ids, list) or not ids:
-            raise InvalidInputError(f"{where} must be a non-empty list of token ids (or send text)")
+            raise InvalidInputError(f"{where} must be a non-empty list of token ids (or send text)", field=where)
         for j, token in enumerate(ids):
             if not isinstance(token, int) or isinstance(token, bool) or not _valid(encoding, token):
                 raise InvalidInputError(f"{where}[{j}] = {token!r} is not a token id of {encoding.name} (0 to {encoding.n_vocab - 1}, "
-                                        f"the ids tiktoken gives); send text, or the ids of {encoding.name}")
+                                        f"the ids tiktoken gives); send text, or the ids of {encoding.name}", field=f"{where}[{j}]")
         texts.append(encoding.decode_bytes(ids).decode("utf-8", errors="replace"))
         count += len(ids)
     return texts, count

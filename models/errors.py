@@ -18,9 +18,12 @@ class EmbedliftError(Exception):
     #: Extra response headers (``Retry-After``, ``WWW-Authenticate``).
     headers: dict[str, str] = {}
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: The request field at fault (``documents[3].text``, ``k``), where the error is about one: error bodies
+        #: carry it as ``field`` (OpenAI's ``param``), so a client can point at it.
+        self.field = field
 
 
 class InvalidInputError(EmbedliftError):
@@ -96,18 +99,24 @@ class OverloadedError(EmbedliftError):
     code = "overloaded"
     http_description = "overloaded: retry after the `Retry-After` seconds"
 
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: int = 1, field: str | None = None) -> None:
+        super().__init__(message, field)
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
 
 
 class UnavailableError(EmbedliftError):
-    """The service is not ready, or a remote base cannot be reached (503)."""
+    """The service is not ready, or a remote base cannot be reached (503), with ``Retry-After`` when it is
+    worth retrying (still loading)."""
 
     status_code = 503
     code = "unavailable"
     http_description = "still loading (or failed to load); see /ready"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
 
 
 class RemoteError(EmbedliftError):

@@ -12,16 +12,13 @@ Ties are broken by the document's key, so a ranking is the same everywhere it is
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 import numpy as np
-from embedlift.models.lexical import LexicalSettings
 
-Fusion = Literal["weighted", "rrf"]
-FUSIONS: tuple[Fusion, ...] = ("weighted", "rrf")
-Mode = Literal["dense", "lexical", "hybrid"]
-MODES: tuple[Mode, ...] = ("dense", "lexical", "hybrid")
+# The modes and fusions are wire types (the client distribution holds them); the math is here.
+from embedlift.client.schemas import FUSIONS, MODES, Fusion, LexicalSettings, Mode
 RRF_K = 60
 #: Candidates each side contributes before fusing.
 CANDIDATES = 100

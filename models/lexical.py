@@ -23,19 +23,15 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
-from typing import Any, Literal, get_args
+from typing import Any
 
-import msgspec
 import numpy as np
 
+from embedlift.client.schemas import LANGUAGES, Language, LexicalSettings  # wire types: a collection's settings
 from embedlift.models.errors import InvalidInputError
 
 K1 = 1.2
 B = 0.75
-Language = Literal[
-    "english", "german", "dutch", "french", "spanish", "portuguese", "italian", "russian", "swedish", "norwegian", "danish", "turkish",
-]
-LANGUAGES: tuple[Language, ...] = get_args(Language)
 # bm25s' stop-word lists (Lucene's for English) by language
 _STOPWORDS = {
     "english": "STOPWORDS_EN", "german": "STOPWORDS_GERMAN", "dutch": "STOPWORDS_DUTCH", "french": "STOPWORDS_FRENCH",
@@ -46,13 +42,6 @@ _STOPWORDS = {
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 #: Distinct words an analyzer remembers the terms of (a few tens of MB at most).
 MAX_KNOWN_WORDS = 500_000
-
-
-class LexicalSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How a collection's texts are analysed for its lexical index (recorded with a learned fusion weight, which
-    applies only where they match)."""
-
-    language: Language = "english"
 
 
 class Analyzer:

@@ -253,7 +253,7 @@ class AdapterRegistry:
         try:
             return self._adapters[name]
         except KeyError:
-            raise NotFoundError(f"unknown adapter {name!r}; available: {[BASE, *sorted(self._adapters)]}") from None
+            raise NotFoundError(f"unknown adapter {name!r}; available: {[BASE, *sorted(self._adapters)]}", field="adapter") from None
 
     def resolve(self, name: str | None) -> LoadedAdapter | None:
         """``None``: the active adapter (or the base when none is active); ``"base"``: no adapter."""

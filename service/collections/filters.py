@@ -67,48 +67,49 @@ def parse(where: Mapping[str, Any], path: str = "filter", depth: int = 0) -> Gro
         InvalidInputError: naming the offending field (``filter.year.$gt``) and what it allows.
     """
     if not isinstance(where, Mapping):
-        raise InvalidInputError(f"{path} must be an object of metadata keys (and $and/$or), got {type(where).__name__}")
+        raise InvalidInputError(f"{path} must be an object of metadata keys (and $and/$or), got {type(where).__name__}", field=path)
     if depth > MAX_DEPTH:
-        raise InvalidInputError(f"{path}: filters nest at most {MAX_DEPTH} levels of $and/$or")
+        raise InvalidInputError(f"{path}: filters nest at most {MAX_DEPTH} levels of $and/$or", field=path)
     parts: list[Node] = []
     for key, value in where.items():
         where_key = f"{path}.{key}"
         if key in LOGICAL:
             if not isinstance(value, list) or not 1 <= len(value) <= MAX_ITEMS:
-                raise InvalidInputError(f"{where_key} must be a list of 1 to {MAX_ITEMS} filters")
+                raise InvalidInputError(f"{where_key} must be a list of 1 to {MAX_ITEMS} filters", field=where_key)
             logic: Literal["$and", "$or"] = "$and" if key == "$and" else "$or"
             parts.append(Group(logic, tuple(parse(v, f"{where_key}[{i}]", depth + 1) for i, v in enumerate(value))))
         elif key.startswith("$"):
-            raise InvalidInputError(f"{where_key}: unknown operator {key!r} at this level; use $and or $or, or a metadata key")
+            raise InvalidInputError(f"{where_key}: unknown operator {key!r} at this level; use $and or $or, or a metadata key", field=where_key)
         elif not key or '"' in key:
-            raise InvalidInputError(f"filter key {key!r} is not allowed: use a non-empty key without '\"'")
+            raise InvalidInputError(f"filter key {key!r} is not allowed: use a non-empty key without '\"'", field=where_key)
         elif isinstance(value, Mapping):
             if not value:
-                raise InvalidInputError(f"{where_key} is an empty object; give a value or operators {list(OPERATORS)}")
+                raise InvalidInputError(f"{where_key} is an empty object; give a value or operators {list(OPERATORS)}", field=where_key)
             parts += [_condition(key, op, v, f"{where_key}.{op}") for op, v in value.items()]
         elif _scalar(value):
             parts.append(Condition(key, "$eq", value))
         else:
             raise InvalidInputError(
                 f"{where_key} must be a string, number, boolean, null or an object of operators {list(OPERATORS)}; "
-                f"for one of several values use {{\"$in\": [...]}}"
+                f"for one of several values use {{\"$in\": [...]}}",
+                field=where_key,
             )
     return Group("$and", tuple(parts))
 
 
 def _condition(key: str, op: Any, value: Any, where: str) -> Condition:
     if op not in OPERATORS:
-        raise InvalidInputError(f"{where}: unknown operator {op!r}; allowed: {list(OPERATORS)}")
+        raise InvalidInputError(f"{where}: unknown operator {op!r}; allowed: {list(OPERATORS)}", field=where)
     if op in RANGE and not _number(value):
-        raise InvalidInputError(f"{where} takes a number, got {value!r}")
+        raise InvalidInputError(f"{where} takes a number, got {value!r}", field=where)
     if op in ("$in", "$nin"):
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_ITEMS or not all(_scalar(v) for v in value):
-            raise InvalidInputError(f"{where} takes a list of 1 to {MAX_ITEMS} strings, numbers, booleans or nulls, got {value!r}")
+            raise InvalidInputError(f"{where} takes a list of 1 to {MAX_ITEMS} strings, numbers, booleans or nulls, got {value!r}", field=where)
         value = tuple(value)
     elif op == "$exists" and not isinstance(value, bool):
-        raise InvalidInputError(f"{where} takes true or false, got {value!r}")
+        raise InvalidInputError(f"{where} takes true or false, got {value!r}", field=where)
     elif op in ("$eq", "$ne") and not _scalar(value):
-        raise InvalidInputError(f"{where} takes a string, number, boolean or null, got {value!r}")
+        raise InvalidInputError(f"{where} takes a string, number, boolean or null, got {value!r}", field=where)
     return Condition(key, op, value)
 
 

@@ -87,7 +87,7 @@ class CollectionsController(Controller):
         metadata filters, a score threshold and an offset; each result says the mode used."""
         single = isinstance(data.query, str)
         if single == isinstance(data.queries, list):
-            raise InvalidInputError("send exactly one of `query` (a string) or `queries` (a list of strings)")
+            raise InvalidInputError("send exactly one of `query` (a string) or `queries` (a list of strings)", field="query")
         result = await engine.search(
             name, data.query if single else data.queries, data.k, data.adapter, data.filter,  # type: ignore[arg-type]
             mode=data.mode, fusion=data.fusion, alpha=data.alpha, threshold=data.score_threshold, offset=data.offset,

@@ -66,7 +66,7 @@ async def openai_texts(value: Any, model: str) -> tuple[list[str], int | None]:
     if is_token_ids(value):
         return await asyncio.to_thread(decode, value, model)
     if any(not isinstance(v, str) for v in value):
-        raise InvalidInputError("input must be a string, a list of strings, a list of token ids or a list of lists of token ids, not a mix")
+        raise InvalidInputError("input must be a string, a list of strings, a list of token ids or a list of lists of token ids, not a mix", field="input")
     return list(value), None
 
 
@@ -108,7 +108,8 @@ class EmbedController(Controller):
             name, role = name[: -len(DOCUMENT_SUFFIX)], "document"
         if data.dimensions is not None and data.dimensions != engine.base.dim:
             raise InvalidInputError(
-                f"dimensions={data.dimensions} is not supported: {engine.base.name} returns {engine.base.dim} dimensions; omit the parameter"
+                f"dimensions={data.dimensions} is not supported: {engine.base.name} returns {engine.base.dim} dimensions; omit the parameter",
+                field="dimensions",
             )
         result = await engine.embed(texts, role, None if name == "active" else name, allow_blank=ids is not None)  # type: ignore[arg-type]
         used = ids if ids is not None else result.tokens  # ids: what the client counted and sent

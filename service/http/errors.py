@@ -30,15 +30,18 @@ HTTP_CODES = {**status_codes(), 405: "method_not_allowed", 415: "unsupported_med
 TEI_TYPES = {401: "Unauthorized", 403: "Forbidden", 429: "Overloaded", 502: "Backend", 503: "Unhealthy"}
 
 
-def error_response(request: Request[Any, Any, Any], status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response[Any]:
-    """An error body in the shape the route's clients read."""
+def error_response(
+    request: Request[Any, Any, Any], status: int, code: str, message: str, headers: dict[str, str] | None = None, field: str | None = None,
+) -> Response[Any]:
+    """An error body in the shape the route's clients read (the field at fault as OpenAI's ``param``, or
+    embedlift's ``field``; TEI's body has no place for it)."""
     if request.url.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
-        body: Any = OpenAIError(error=OpenAIErrorDetail(message=message, type=kind, code=code))
+        body: Any = OpenAIError(error=OpenAIErrorDetail(message=message, type=kind, param=field, code=code))
     elif request.url.path == "/tei" or request.url.path.startswith("/tei/"):
         body = TEIError(error=message, error_type=TEI_TYPES.get(status, "Validation" if status < 500 else "Backend"))
     else:
-        body = ErrorBody(status_code=status, code=code, detail=message)
+        body = ErrorBody(status_code=status, code=code, detail=message, field=field)
     return Response(body, status_code=status, headers=headers or None, media_type=MediaType.JSON)
 
 
@@ -48,6 +51,16 @@ def _field_problem(error: dict[str, Any], body: type | None) -> str:
     if message.startswith("Invalid enum value") and body is not None and (allowed := _enums(body).get(key)) is not None:
         message += f"; allowed: {', '.join(map(repr, allowed))}"
     return f"{key} {message}".strip()
+
+
+def _field_of(extra: Any) -> str | None:
+    """The field a validation error is about, when it names exactly one (msgspec's ``$.documents[3].text``
+    reported as ``documents[3].text``; a query parameter by its name)."""
+    keys = {str(e.get("key")) for e in extra if isinstance(e, dict) and e.get("key")} if isinstance(extra, list) else set()
+    if len(keys) != 1:
+        return None
+    key = keys.pop()
+    return key[2:] if key.startswith("$.") else key
 
 
 @functools.cache
@@ -66,12 +79,13 @@ def _body_type(request: Request[Any, Any, Any]) -> type | None:
 def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The app's only exception handler."""
     if isinstance(exc, EmbedliftError):
-        return error_response(request, exc.status_code, exc.code, exc.message, exc.headers)
+        return error_response(request, exc.status_code, exc.code, exc.message, exc.headers, exc.field)
     if isinstance(exc, HTTPException):
-        message = exc.detail
+        message, field = exc.detail, None
         if extra := getattr(exc, "extra", None):
             body = _body_type(request)
             message = f"{message}: " + "; ".join(_field_problem(e, body) if isinstance(e, dict) else str(e) for e in extra)
-        return error_response(request, exc.status_code, HTTP_CODES.get(exc.status_code, "error"), message, exc.headers)
+            field = _field_of(extra)
+        return error_response(request, exc.status_code, HTTP_CODES.get(exc.status_code, "error"), message, exc.headers, field)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(request, 500, "internal_error", "internal error; see the server log")

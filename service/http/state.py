@@ -35,9 +35,9 @@ class ServiceState:
     def require_engine(self) -> Engine:
         """The loaded engine, or a 503 while the model is still loading (or failed to)."""
         if self.engine is None:
-            raise UnavailableError(
-                f"the service failed to load: {self.load_error}" if self.load_error else "the model is still loading; retry when /ready answers 200"
-            )
+            if self.load_error:
+                raise UnavailableError(f"the service failed to load: {self.load_error}")
+            raise UnavailableError("the model is still loading; retry when /ready answers 200", retry_after=1)
         return self.engine
 
 

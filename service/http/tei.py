@@ -50,7 +50,7 @@ class TEIController(Controller):
     async def _embed(self, data: TEIEmbedRequest, engine: Any, adapter: str | None, default: Role) -> list[list[float]]:
         limits.check_texts(texts_of(data.inputs), engine.settings, "inputs")  # TEI's field name in the message
         if data.dimensions is not None and data.dimensions != engine.base.dim:
-            raise InvalidInputError(f"dimensions={data.dimensions} is not supported: {engine.base.name} returns {engine.base.dim}; omit it")
+            raise InvalidInputError(f"dimensions={data.dimensions} is not supported: {engine.base.name} returns {engine.base.dim}; omit it", field="dimensions")
         result = await engine.embed(texts_of(data.inputs), role_of(data.prompt_name, default), adapter, normalize=data.normalize)
         vectors: list[list[float]] = result.vectors.tolist()
         return vectors
