@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, Unpack, overload
@@ -409,3 +409,20 @@ class AsyncClient:
 
     async def delete_adapter(self, name: str) -> None:
         await self.send(calls.delete_adapter(name))
+
+
+class PerLoop:
+    """An ``AsyncClient`` for the running event loop: httpx's async connections belong to the loop that opened
+    them, and code that calls ``asyncio.run`` more than once (a framework's sync wrappers, notebooks, tests)
+    runs each call on a new loop. The integrations hold one of these instead of one ``AsyncClient``."""
+
+    def __init__(self, make: Callable[[], AsyncClient]) -> None:
+        self._make = make
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: AsyncClient | None = None
+
+    def get(self) -> AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._loop, self._client = loop, self._make()
+        return self._client

@@ -17,7 +17,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, PrivateAttr
 
-from embedlift.client.api import EMBED_BATCH, AsyncClient, Client
+from embedlift.client.api import EMBED_BATCH, AsyncClient, Client, PerLoop
 from embedlift.client.calls import SearchOptions, match, vectors
 from embedlift.client.schemas import Fusion, Mode, SearchHit
 
@@ -41,7 +41,7 @@ class EmbedliftEmbeddings(Embeddings):
         self.adapter = adapter
         self.batch_size = batch_size
         self.client = Client(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
-        self.async_client = AsyncClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self.async_client = PerLoop(lambda: AsyncClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries))
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         answer = self.client.embed(texts, input_type="document", adapter=self.adapter, batch_size=self.batch_size)
@@ -52,11 +52,11 @@ class EmbedliftEmbeddings(Embeddings):
         return vectors(answer)[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
-        answer = await self.async_client.embed(texts, input_type="document", adapter=self.adapter, batch_size=self.batch_size)
+        answer = await self.async_client.get().embed(texts, input_type="document", adapter=self.adapter, batch_size=self.batch_size)
         return vectors(answer)
 
     async def aembed_query(self, text: str) -> list[float]:
-        answer = await self.async_client.embed([text], input_type="query", adapter=self.adapter)
+        answer = await self.async_client.get().embed([text], input_type="query", adapter=self.adapter)
         return vectors(answer)[0]
 
 
@@ -89,11 +89,11 @@ class EmbedliftRetriever(BaseRetriever):
     timeout: float = 60.0
     max_retries: int = 3
     _client: Client = PrivateAttr()
-    _async_client: AsyncClient = PrivateAttr()
+    _async_client: PerLoop = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
         self._client = Client(self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries)
-        self._async_client = AsyncClient(self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries)
+        self._async_client = PerLoop(lambda: AsyncClient(self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries))
 
     def _options(self) -> SearchOptions:
         return SearchOptions(
@@ -106,5 +106,5 @@ class EmbedliftRetriever(BaseRetriever):
         return [to_document(hit, answer.mode_used) for hit in answer.hits or []]
 
     async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun) -> list[Document]:
-        answer = await self._async_client.search(self.collection, query, **self._options())
+        answer = await self._async_client.get().search(self.collection, query, **self._options())
         return [to_document(hit, answer.mode_used) for hit in answer.hits or []]

@@ -17,7 +17,7 @@ from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 from pydantic import Field, PrivateAttr
 
-from embedlift.client.api import EMBED_BATCH, AsyncClient, Client
+from embedlift.client.api import EMBED_BATCH, AsyncClient, Client, PerLoop
 from embedlift.client.calls import SearchOptions, match, vectors
 from embedlift.client.schemas import Fusion, Mode, SearchResponse
 
@@ -37,7 +37,7 @@ class EmbedliftEmbedding(BaseEmbedding):
     timeout: float = 60.0
     max_retries: int = 3
     _client: Client = PrivateAttr()
-    _async_client: AsyncClient = PrivateAttr()
+    _async_client: PerLoop = PrivateAttr()
 
     def __init__(
         self, base_url: str | None = None, *, api_key: str | None = None, adapter: str | None = None,
@@ -46,7 +46,7 @@ class EmbedliftEmbedding(BaseEmbedding):
         super().__init__(embed_batch_size=embed_batch_size, model_name=model_name, **kwargs)
         self.base_url, self.adapter, self.timeout, self.max_retries = base_url, adapter, timeout, max_retries
         self._client = Client(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
-        self._async_client = AsyncClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._async_client = PerLoop(lambda: AsyncClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries))
 
     @classmethod
     def class_name(cls) -> str:
@@ -62,13 +62,13 @@ class EmbedliftEmbedding(BaseEmbedding):
         return vectors(self._client.embed(texts, input_type="document", adapter=self.adapter, batch_size=self.embed_batch_size))
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
-        return vectors(await self._async_client.embed([query], input_type="query", adapter=self.adapter))[0]
+        return vectors(await self._async_client.get().embed([query], input_type="query", adapter=self.adapter))[0]
 
     async def _aget_text_embedding(self, text: str) -> list[float]:
         return (await self._aget_text_embeddings([text]))[0]
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        answer = await self._async_client.embed(texts, input_type="document", adapter=self.adapter, batch_size=self.embed_batch_size)
+        answer = await self._async_client.get().embed(texts, input_type="document", adapter=self.adapter, batch_size=self.embed_batch_size)
         return vectors(answer)
 
 
@@ -110,10 +110,10 @@ class EmbedliftRetriever(BaseRetriever):
         self.collection = collection
         self.options = SearchOptions(k=k, mode=mode, fusion=fusion, alpha=alpha, filter=filter, score_threshold=score_threshold, adapter=adapter)
         self._client = Client(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
-        self._async_client = AsyncClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._async_client = PerLoop(lambda: AsyncClient(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries))
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         return to_nodes(self._client.search(self.collection, query_bundle.query_str, **self.options))
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        return to_nodes(await self._async_client.search(self.collection, query_bundle.query_str, **self.options))
+        return to_nodes(await self._async_client.get().search(self.collection, query_bundle.query_str, **self.options))
