@@ -87,3 +87,26 @@ def test_client_retries_through_a_server_that_is_still_loading(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def test_client_retries_429_honouring_retry_after(tmp_path):
+    """A server admitting one request at a time answers the others 429 with Retry-After: a client without retries
+    raises ``RateLimitError`` carrying it; with retries every request gets its answer."""
+    import asyncio
+
+    from embedlift.client import AsyncClient, RateLimitError
+
+    proc, url = start_server(tmp_path / "data", tmp_path / "adapters", "--watch-interval", "0", env={"EMBEDLIFT_MAX_CONCURRENT": "1"})
+    texts = [f"Passage {i}: " + "drivers, riders and the marketplace that connects them " * 20 for i in range(32)]
+
+    async def burst(max_retries: int) -> list:
+        async with AsyncClient(url, max_retries=max_retries) as client:
+            return await asyncio.gather(*(client.embed(texts, input_type="document") for _ in range(6)), return_exceptions=True)
+
+    try:
+        refused = [r for r in asyncio.run(burst(0)) if isinstance(r, Exception)]
+        assert refused and all(isinstance(r, RateLimitError) and r.retry_after == 1 and r.code == "overloaded" for r in refused), refused
+        answers = asyncio.run(burst(20))
+        assert all(not isinstance(a, Exception) and len(a.data) == len(texts) for a in answers), answers
+    finally:
+        assert stop_server(proc) == 0
