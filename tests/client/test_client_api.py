@@ -59,6 +59,10 @@ def test_embed_equals_the_route_and_batches_within_limits(embedlift_server, clie
     batched = client.embed(many, input_type=role, batch_size=128)
     assert [d.index for d in batched.data] == list(range(len(many)))
     assert close(vectors(batched)[250:260], vectors(client.embed(many[250:260], input_type=role)))
+    windowed = client.embed(CORPUS["long"], input_type=role, return_windows=True).data[0].windows
+    expected_windows = raw(embedlift_server, "POST", "/embed", json={"input": CORPUS["long"], "input_type": role, "return_windows": True}).json()
+    assert windowed is not None and len(windowed) > 1 and [list(w.span) for w in windowed] == [w["span"] for w in expected_windows["data"][0]["windows"]]
+    assert close([w.embedding for w in windowed], [w["embedding"] for w in expected_windows["data"][0]["windows"]])  # type: ignore[misc]
     assert batched.usage.total_tokens == sum(client.embed(part, input_type=role).usage.total_tokens for part in (many[:150], many[150:]))
 
 

@@ -151,22 +151,22 @@ class Client:
     # ------------------------------------------------------------------------------------------ embeddings
     def embed(
         self, texts: str | Sequence[str], *, input_type: Role = "query", adapter: str | None = None, normalize: bool = True,
-        truncate: bool = False, batch_size: int = EMBED_BATCH,
+        truncate: bool = False, return_windows: bool = False, batch_size: int = EMBED_BATCH,
     ) -> EmbedResponse:
         """Vectors of ``texts`` as queries or documents (an adapter applies to the query side unless trained for
-        both; ``adapter="base"``: none). Sent in requests of ``batch_size`` texts; a request over the server's
-        token budget is split in two until it fits."""
-        parts = [self._embed(batch, input_type, adapter, normalize, truncate) for batch in _batches(_texts(texts), batch_size)]
-        return calls.joined(parts)
+        both; ``adapter="base"``: none); ``return_windows`` adds each window's vector and span. Sent in requests
+        of ``batch_size`` texts; a request over the server's token budget is split in two until it fits."""
+        options = (input_type, adapter, normalize, truncate, return_windows)
+        return calls.joined([self._embed(batch, *options) for batch in _batches(_texts(texts), batch_size)])
 
-    def _embed(self, texts: Sequence[str], role: Role, adapter: str | None, normalize: bool, truncate: bool) -> EmbedResponse:
+    def _embed(self, texts: Sequence[str], *options: Any) -> EmbedResponse:
         try:
-            return self.send(calls.embed(texts, role, adapter, normalize, truncate))
+            return self.send(calls.embed(texts, *options))
         except RequestTooLargeError:
             if len(texts) == 1:
                 raise
             half = len(texts) // 2
-            return calls.joined([self._embed(part, role, adapter, normalize, truncate) for part in (texts[:half], texts[half:])])
+            return calls.joined([self._embed(part, *options) for part in (texts[:half], texts[half:])])
 
     # ------------------------------------------------------------------------------------------ collections
     def list_collections(self) -> list[CollectionInfo]:
@@ -313,20 +313,20 @@ class AsyncClient:
 
     async def embed(
         self, texts: str | Sequence[str], *, input_type: Role = "query", adapter: str | None = None, normalize: bool = True,
-        truncate: bool = False, batch_size: int = EMBED_BATCH,
+        truncate: bool = False, return_windows: bool = False, batch_size: int = EMBED_BATCH,
     ) -> EmbedResponse:
         """As ``Client.embed``; the batches are sent concurrently (the server batches them for the model)."""
-        parts = await asyncio.gather(*(self._embed(b, input_type, adapter, normalize, truncate) for b in _batches(_texts(texts), batch_size)))
-        return calls.joined(parts)
+        options = (input_type, adapter, normalize, truncate, return_windows)
+        return calls.joined(await asyncio.gather(*(self._embed(batch, *options) for batch in _batches(_texts(texts), batch_size))))
 
-    async def _embed(self, texts: Sequence[str], role: Role, adapter: str | None, normalize: bool, truncate: bool) -> EmbedResponse:
+    async def _embed(self, texts: Sequence[str], *options: Any) -> EmbedResponse:
         try:
-            return await self.send(calls.embed(texts, role, adapter, normalize, truncate))
+            return await self.send(calls.embed(texts, *options))
         except RequestTooLargeError:
             if len(texts) == 1:
                 raise
             half = len(texts) // 2
-            return calls.joined([await self._embed(part, role, adapter, normalize, truncate) for part in (texts[:half], texts[half:])])
+            return calls.joined([await self._embed(part, *options) for part in (texts[:half], texts[half:])])
 
     async def list_collections(self) -> list[CollectionInfo]:
         return await self.send(calls.list_collections())

@@ -240,8 +240,11 @@ def models() -> Call[ModelList]:
     return Call("GET", "/v1/models", struct(ModelList))
 
 
-def embed(texts: Sequence[str], role: Role, adapter: str | None, normalize: bool, truncate: bool) -> Call[EmbedResponse]:
-    body = EmbedRequest(input=list(texts), input_type=role, adapter=adapter, normalize=normalize, truncate=truncate, encoding_format="base64")
+def embed(texts: Sequence[str], role: Role, adapter: str | None, normalize: bool, truncate: bool, windows: bool = False) -> Call[EmbedResponse]:
+    body = EmbedRequest(
+        input=list(texts), input_type=role, adapter=adapter, normalize=normalize, truncate=truncate, return_windows=windows,
+        encoding_format="base64",
+    )
     return Call("POST", "/embed", embeddings, body=body)
 
 
