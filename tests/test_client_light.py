@@ -5,7 +5,6 @@ request through a server that is still loading."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
