@@ -27,7 +27,7 @@ import numpy as np
 from embedlift.models.cache import CachedEncoder, EmbeddingCache, MemoryCache, VectorCache
 from embedlift.models.checkpoint import CheckpointError, base_info, read_config
 from embedlift.models.encoders import Encoder, Role
-from embedlift.models.errors import InvalidInputError, NotFoundError, OverloadedError
+from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, OverloadedError
 from embedlift.models.fusion import DEFAULT_ALPHA, Fusion, LearnedFusion, Mode
 from embedlift.models.lexical import LexicalSettings
 from embedlift.models.spec import BaseSpec, load_base
@@ -219,19 +219,28 @@ class Engine:
         return engine
 
     def _take_over_jobs(self, store: DatabaseJobStore) -> None:
-        """Finish the resumable jobs whose replica died: claim one whenever a lease has run out."""
+        """Finish the jobs whose replica died: claim one whenever a lease has run out, and go on with it from
+        its ``spec`` (a bulk upsert after its committed documents; an evaluation or a re-index from the start)."""
         while not self._stopping.wait(max(1.0, store.lease / 3)):
             try:
                 while (job := store.claim()) is not None:
-                    spec = job.spec
-                    documents = msgspec.convert(spec["documents"], list[Document])
-                    logger.info("job %s (%s of %s documents done elsewhere) taken over", job.id, job.done, job.total)
-                    self.jobs.resume(job, functools.partial(self._resume_upsert, spec["collection"], documents))
+                    logger.info("job %s (%s, %s of %s done elsewhere) taken over", job.id, job.kind, job.done, job.total)
+                    self.jobs.resume(job, self._resumed_work(job))
             except Exception as exc:  # noqa: BLE001 - the database may be down; try again at the next tick
                 logger.warning("taking over orphaned jobs: %s", getattr(exc, "message", exc))
 
-    def _resume_upsert(self, name: str, documents: list[Document], job: Job) -> UpsertResponse:
-        return self._upsert(name, documents, job, start=job.done)
+    def _resumed_work(self, job: Job) -> Callable[[Job], Any]:
+        """What goes on with a job taken over from another replica (its kind is one of ``RESUMABLE``)."""
+        spec = job.spec
+        if job.kind == "upsert":
+            documents = msgspec.convert(spec["documents"], list[Document])
+            return lambda job: self._upsert(spec["collection"], documents, job, start=job.done)
+        if job.kind == "eval":
+            request = msgspec.convert(spec["request"], EvalRequest)
+            return lambda job: self._plan_eval(request)[1](job)
+        if job.kind == "reindex":
+            return lambda job: self._resume_reindex(spec["collection"], spec["previous_base"], job)
+        raise ValueError(f"job kind {job.kind!r} cannot be taken over")
 
     def close(self) -> None:
         self._stopping.set()
@@ -503,13 +512,26 @@ class Engine:
         left as it was. Refused at once (404, 409, 503) when the collection cannot be re-indexed."""
         store = await self._offload(self.collections.claim_reindex, name)
         try:
-            job = self.jobs.submit("reindex", lambda job: self._reindex(name, store, job))
+            before = (await self._offload(store.read_config)).base_fingerprint
+            job = self.jobs.submit("reindex", lambda job: self._reindex(name, store, job), spec={"collection": name, "previous_base": before})
         except BaseException:
             store.close()
             self.collections.abandon_reindex(name)
             raise
         self.collections.note_reindex_job(name, job.id)
         return job
+
+    def _resume_reindex(self, name: str, previous_base: str, job: Job) -> ReindexResult:
+        """A re-index whose replica died: done again from the start (staging replaces what it had staged), or,
+        when its swap had committed, reported as it is."""
+        try:
+            served = self.collections.get(name)
+        except ConflictError:  # still on the other base (the usual case)
+            store = self.collections.claim_reindex(name)
+            self.collections.note_reindex_job(name, job.id)
+            return self._reindex(name, store, job)
+        documents, windows = served.counts()
+        return ReindexResult(collection=name, documents=documents, windows=windows, previous_base=previous_base, base=served.config.base_fingerprint)
 
     def _reindex(self, name: str, store: Any, job: Job) -> ReindexResult:
         try:
@@ -545,8 +567,18 @@ class Engine:
 
     async def evaluate(self, request: EvalRequest) -> EvalResponse | Job:
         """Base vs adapters on a dataset (inline or stored) or on a collection with queries and relevant ids:
-        exactly what ``embedlift eval --json`` computes. Past ``sync_eval_texts`` texts, or when asked, a job."""
+        exactly what ``embedlift eval --json`` computes. Past ``sync_eval_texts`` texts, or when asked, a job
+        (whose request another replica re-runs if this one dies: an evaluation has no side effects)."""
+        request, work, size = await self._offload(self._plan_eval, request)
+        if request.background or size > self.settings.sync_eval_texts:
+            return self.jobs.submit("eval", work, total=size, spec={"request": msgspec.to_builtins(request)})
+        return await self._offload(work, model=True)
+
+    def _plan_eval(self, request: EvalRequest) -> tuple[EvalRequest, Callable[..., EvalResponse], int]:
+        """Check an evaluation request (4xx before any work); the request with its adapters named (the active
+        one at the time it was asked), the work that answers it, and its size in texts."""
         adapters = self.models_for_eval(request.adapters)  # unknown names: 404 before any work
+        request = msgspec.structs.replace(request, adapters=[a.name for a in adapters])
         if sum(x is not None for x in (request.dataset, request.dataset_name, request.collection)) != 1:
             raise InvalidInputError(
                 "send exactly one of `dataset` (EmbeddingQAFinetuneDataset JSON), `dataset_name` (a stored dataset, "
@@ -556,14 +588,14 @@ class Engine:
         if request.collection is None:
             if request.queries is not None or request.relevant_docs is not None:
                 raise InvalidInputError("`queries` and `relevant_docs` go inside the dataset (or use `collection`)")
-            ds = await self._eval_dataset(request)
+            ds = self._eval_dataset(request)
             size = len(ds.queries) + len(ds.corpus)
             embed: Callable[[], tuple[EmbeddedDataset, Mapping[str, str], dict[str, str]]] = lambda: (embed_dataset(self.bulk_encoder, ds), ds.corpus, ds.queries)  # noqa: E731
         else:
             if not request.queries or not request.relevant_docs:
                 raise InvalidInputError("with `collection`, send `queries` ({id: text}) and `relevant_docs` ({id: [document ids]})")
-            collection = await self._offload(self.collection, request.collection)
-            size = len(request.queries) + (await self._offload(collection.counts))[0]
+            collection = self.collection(request.collection)
+            size = len(request.queries) + collection.counts()[0]
             lexical = collection.config.lexical
             embed = functools.partial(self._embed_collection, request.collection, request.queries, request.relevant_docs)
         if request.mode == "hybrid" and lexical is None:
@@ -579,18 +611,16 @@ class Engine:
                 hybrid = Hybrid(fusion=request.fusion, alphas={k: v for k, v in alphas.items() if v is not None})
             return self._eval_response(self._compare(data, adapters, request.k, hybrid), adapters, request.per_query)
 
-        if request.background or size > self.settings.sync_eval_texts:
-            return self.jobs.submit("eval", work, total=size)
-        return await self._offload(work, model=True)
+        return request, work, size
 
-    async def _eval_dataset(self, request: EvalRequest) -> QADataset:
+    def _eval_dataset(self, request: EvalRequest) -> QADataset:
         if request.dataset_name is not None:
             path = self.settings.datasets_path / f"{check_name(request.dataset_name, 'dataset')}.json"
             if not path.is_file():
                 raise NotFoundError(
                     f"no stored dataset {request.dataset_name!r} in {self.settings.datasets_path}; see GET /datasets, or send `dataset` inline"
                 )
-            return await self._offload(load_dataset, path)
+            return load_dataset(path)
         assert request.dataset is not None
         return validate(dataset_of(request.dataset), "dataset")
 

@@ -3,10 +3,11 @@ replica dies is finished by another.
 
 A job is a row of ``embedlift.jobs``: kind, status, progress, result (JSON) or error, the replica that runs it
 (``owner``) and when that replica last vouched for it (``heartbeat``, refreshed every ``HEARTBEAT`` seconds
-while it runs: its lease). A resumable job (a bulk upsert) also keeps its input (``spec``): once its lease has
-run out, another replica claims it (``FOR UPDATE SKIP LOCKED``, so exactly one does) and goes on from the
-documents already committed; re-upserting by id replaces, so nothing is duplicated. A job that cannot be
-resumed (an evaluation, a re-index) whose lease ran out is reported failed, saying why.
+while it is queued or runs: its lease) and its input (``spec``). Once its lease has run out, another replica
+claims it (``FOR UPDATE SKIP LOCKED``, so exactly one does) and finishes it: a bulk upsert goes on from the
+documents already committed (re-upserting by id replaces, so nothing is duplicated); an evaluation (no side
+effects) and a re-index (staging replaces what was staged; the swap is one transaction) start again. A job
+without a ``spec`` whose lease ran out is reported failed, saying why.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from embedlift.service.database import SCHEMA, Database
 from embedlift.service.jobs import Job, JobStore
 
 HEARTBEAT = 5.0
-#: Kinds another replica can finish from their ``spec``.
-RESUMABLE = ("upsert",)
+#: Kinds another replica can finish from their ``spec`` (``Engine._resumed_work``).
+RESUMABLE = ("upsert", "eval", "reindex")
 
 
 class DatabaseJobStore(JobStore):
@@ -65,14 +66,14 @@ class DatabaseJobStore(JobStore):
         with self.db.transaction() as conn:
             row = conn.execute(
                 f"SELECT id, kind, status, done, total, result, error, extract(epoch FROM created), extract(epoch FROM finished), "
-                f"extract(epoch FROM now() - heartbeat), owner FROM {SCHEMA}.jobs WHERE id = %s",
-                (job_id,),
+                f"extract(epoch FROM now() - heartbeat), owner, spec IS NOT NULL AND kind = ANY(%s) FROM {SCHEMA}.jobs WHERE id = %s",
+                (list(RESUMABLE), job_id),
             ).fetchone()
         if row is None:
             return None
         job = Job(id=row[0], kind=row[1], status=row[2], done=row[3], total=row[4], result=row[5], error=row[6],
                   created=float(row[7]), finished=None if row[8] is None else float(row[8]))
-        if job.status in ("queued", "running") and job.kind not in RESUMABLE and row[9] is not None and float(row[9]) > self.lease:
+        if job.status in ("queued", "running") and not row[11] and row[9] is not None and float(row[9]) > self.lease:
             job.status, job.error = "failed", (
                 f"the replica running it ({row[10]}) stopped answering {float(row[9]):.0f} s ago; submit the job again"
             )

@@ -329,3 +329,54 @@ def test_a_replica_killed_mid_upsert_loses_nothing_and_its_job_finishes_elsewher
         if a_proc.poll() is None:
             a_proc.kill()
         stop_server(b_proc)
+
+
+def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_another(postgres, tmp_path):
+    """A replica dies with an evaluation and a re-index queued behind a bulk upsert: once their lease runs out
+    another replica claims all three from the database and finishes them; the evaluation's result is the one
+    the survivor computes itself, and the re-indexed collection is served on the survivor's base."""
+    import os
+    import signal
+
+    url = postgres.create_database(f"j_{uuid.uuid4().hex[:10]}")
+    env = {"EMBEDLIFT_STORE": url, "EMBEDLIFT_JOB_LEASE": "2", "EMBEDLIFT_UPSERT_BATCH": "25"}
+    old_proc, old = start_server(tmp_path / "o", tmp_path / "oa", "--base", "hashing:32", "--watch-interval", "0", env=env)
+    try:  # a collection built with another base: what a re-index is for
+        assert httpx.put(f"{old}/collections/old", json={}).status_code == 201
+        assert httpx.post(f"{old}/collections/old/documents", json={"documents": docs(40, "o")}).status_code == 200
+    finally:
+        stop_server(old_proc)
+    a_proc, a = start_server(tmp_path / "a", tmp_path / "aa", "--base", HASHING, "--watch-interval", "0", env=env)
+    b_proc, b = start_server(tmp_path / "b", tmp_path / "ba", "--base", HASHING, "--watch-interval", "0", env=env)
+    try:
+        corpus = {d["id"]: d["text"] for d in docs(60)}
+        dataset = {"queries": {f"q{i}": f"what about {corpus[f'd{i}']}" for i in range(0, 60, 3)},
+                   "corpus": corpus, "relevant_docs": {f"q{i}": [f"d{i}"] for i in range(0, 60, 3)}}
+        assert httpx.put(f"{a}/collections/c", json={}).status_code == 201
+        bulk = httpx.post(f"{a}/collections/c/documents", json={"documents": docs(6000, "bulk")}, timeout=60)
+        evaluation = httpx.post(f"{a}/eval", json={"dataset": dataset, "background": True})
+        reindex = httpx.post(f"{a}/collections/old/reindex")
+        assert (bulk.status_code, evaluation.status_code, reindex.status_code) == (202, 202, 202)
+        jobs = {kind: r.json()["job"]["id"] for kind, r in (("upsert", bulk), ("eval", evaluation), ("reindex", reindex))}
+        wait_for(lambda: httpx.get(f"{b}/jobs/{jobs['upsert']}").json()["done"] > 0, timeout=30)
+        os.kill(a_proc.pid, signal.SIGKILL)
+        a_proc.wait()
+        assert httpx.get(f"{b}/jobs/{jobs['eval']}").json()["status"] in ("queued", "running")  # not failed: it will be taken over
+        assert httpx.get(f"{b}/collections/old").json()["status"] == "base_mismatch"  # not yet re-indexed
+        for job in jobs.values():
+            wait_for(lambda job=job: httpx.get(f"{b}/jobs/{job}").json()["status"] in ("succeeded", "failed"), timeout=90)
+        finished = {kind: httpx.get(f"{b}/jobs/{job}").json() for kind, job in jobs.items()}
+        assert {kind: j["status"] for kind, j in finished.items()} == dict.fromkeys(jobs, "succeeded"), finished
+        here = httpx.post(f"{b}/eval", json={"dataset": dataset}).json()
+        assert finished["eval"]["result"]["metrics"] == here["metrics"] and here["queries"] == 20
+        result = finished["reindex"]["result"]
+        assert result["documents"] == 40 and result["base"] != result["previous_base"]
+        info = httpx.get(f"{b}/collections/old").json()
+        assert (info["status"], info["documents"], info["base_fingerprint"]) == ("ready", 40, result["base"])
+        hits = httpx.post(f"{b}/collections/old/search", json={"query": "driver pay", "k": 3}).json()["hits"]
+        assert len(hits) == 3
+        assert httpx.get(f"{b}/collections/c").json()["documents"] == 6000
+    finally:
+        if a_proc.poll() is None:
+            a_proc.kill()
+        stop_server(b_proc)
