@@ -109,6 +109,18 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (fingerprint, key)
     );
     """,
+    # 5: apply_to: both adapters' document views, each a table of its collection (c<id>_v<view id>)
+    f"""
+    CREATE TABLE {SCHEMA}.views (
+        id bigserial PRIMARY KEY,
+        collection_id bigint NOT NULL REFERENCES {SCHEMA}.collections (id) ON DELETE CASCADE,
+        label text NOT NULL,                        -- the adapter's name@version
+        ready boolean NOT NULL DEFAULT false,       -- built: searched from then on
+        generation bigint NOT NULL DEFAULT 0,       -- the collection's last write the table reflects
+        job text,                                   -- the job building it
+        UNIQUE (collection_id, label)
+    );
+    """,
 ]
 
 

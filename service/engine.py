@@ -17,6 +17,7 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ from embedlift.models.windows import Span, embed_documents, embed_pooled, pool, 
 from embedlift.service import limits, metrics
 from embedlift.service.batching import BULK, INTERACTIVE, BatchedEncoder, BatchQueue
 from embedlift.service.collections import Collection, CollectionManager, Filter, check_name, reindex, valid_name
+from embedlift.service.collections.base import CollectionIndex
 from embedlift.service.collections.collection import Found, SearchPlan
 from embedlift.service.collections.postgres import PostgresHome
 from embedlift.service.database import Database, open_store
@@ -74,6 +76,9 @@ T = TypeVar("T")
 #: Characters of input a request tokenises on the event loop itself (a few questions: tens of microseconds);
 #: a larger request is tokenised on a worker thread.
 INLINE_CHARS = 4096
+#: An adapter's document view in the database of a collection up to this many windows is built at once; a
+#: larger one by a background job (its searches answer 503, naming the job, until it is done).
+SYNC_VIEW_WINDOWS = 5_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,13 @@ class EmbedResult:
     windows: list[int]
     tokens: int
     window_vectors: list[tuple[list[tuple[int, int]], np.ndarray]] | None = None
+
+
+@dataclass(frozen=True)
+class ViewResult:
+    collection: str
+    adapter: str  # its label, name@version
+    windows: int
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,8 @@ class Engine:
             return lambda job: self._plan_eval(request)[1](job)
         if job.kind == "reindex":
             return lambda job: self._resume_reindex(spec["collection"], spec["previous_base"], job)
+        if job.kind == "view":
+            return lambda job: self._resume_view(spec["collection"], spec["adapter"], spec["label"], job)
         raise ValueError(f"job kind {job.kind!r} cannot be taken over")
 
     def close(self) -> None:
@@ -468,6 +482,8 @@ class Engine:
         chosen = self.resolve(adapter)
 
         def plan_for(collection: Collection) -> SearchPlan:  # reads the store (a database round trip on PostgreSQL)
+            if chosen is not None and chosen.checkpoint.config.apply_to == "both":
+                self._ensure_view(collection, chosen)  # a collection created since the adapter was registered
             return SearchPlan(
                 k=k, offset=offset, mode=mode or ("hybrid" if collection.lexical_status == "ready" else "dense"), fusion=fusion,
                 alpha=alpha if alpha is not None else self.fusion_for(collection, chosen).alpha, threshold=threshold, where=where,
@@ -545,16 +561,47 @@ class Engine:
         collection = self.collections.finish_reindex(name)
         for adapter in self.adapters():
             if adapter.checkpoint.config.apply_to == "both":
-                collection.index_for(adapter.label, adapter.checkpoint.adapter)
+                view = self._ensure_view(collection, adapter)
+                if not view.pending:
+                    view.catch_up()  # a view in the store: filled again from the new windows here, not by a search
         documents, _ = collection.counts()
         return ReindexResult(collection=name, documents=documents, windows=windows, previous_base=before, base=config.base_fingerprint)
 
     def _prepare_views(self, adapter: LoadedAdapter) -> None:
-        """Before an ``apply_to: both`` adapter is served, build its document view of every collection."""
+        """When an ``apply_to: both`` adapter is registered, build its document view of every collection: in
+        memory at once (the embedded store), or in the database as a job (past ``SYNC_VIEW_WINDOWS``)."""
         if adapter.checkpoint.config.apply_to != "both":
             return
         for collection in self.collections.all():
-            collection.index_for(adapter.label, adapter.checkpoint.adapter)
+            self._ensure_view(collection, adapter)
+
+    def _ensure_view(self, collection: Collection, adapter: LoadedAdapter) -> CollectionIndex:
+        """``adapter``'s document view of ``collection``, built, or being built by a job (then its searches
+        answer 503 naming the job). A view in the store is built by one replica: the one that claims it."""
+        view = collection.index_for(adapter.label, adapter.checkpoint.adapter)
+        if not view.pending:
+            return view
+        if collection.counts()[1] <= SYNC_VIEW_WINDOWS:  # small: built at once, nobody waits for a job
+            view.build()
+            return view
+        job_id = uuid.uuid4().hex
+        if view.claim_build(job_id):
+            spec = {"collection": collection.name, "adapter": adapter.name, "label": adapter.label}
+            self.jobs.submit("view", functools.partial(self._build_view, collection, adapter.label, view), spec=spec, job_id=job_id)
+        return view
+
+    @staticmethod
+    def _build_view(collection: Collection, label: str, view: CollectionIndex, job: Job) -> ViewResult:
+        view.build(job.report)
+        return ViewResult(collection=collection.name, adapter=label, windows=collection.counts()[1])
+
+    def _resume_view(self, name: str, adapter_name: str, label: str, job: Job) -> ViewResult:
+        """A view build whose replica died: built here, unless its adapter has moved on (another version)."""
+        adapter = self.resolve(adapter_name)
+        if adapter is None or adapter.label != label:
+            raise ConflictError(f"adapter {adapter_name} is no longer {label}; its view is not needed")
+        collection = self.collection(name)
+        return self._build_view(collection, label, collection.index_for(label, adapter.checkpoint.adapter), job)
 
     # ------------------------------------------------------------------------------------------- eval
     def models_for_eval(self, names: Sequence[str] | None) -> list[LoadedAdapter]:

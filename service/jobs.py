@@ -107,13 +107,14 @@ class JobRunner:
         self._lock = threading.Lock()
         self.max_queued = max_queued
 
-    def submit(self, kind: str, work: Callable[[Job], Any], total: int = 0, spec: Any = None) -> Job:
-        """Queue ``work``; ``spec`` (JSON) is what a shared store keeps so another replica can resume the job."""
+    def submit(self, kind: str, work: Callable[[Job], Any], total: int = 0, spec: Any = None, job_id: str | None = None) -> Job:
+        """Queue ``work``; ``spec`` (JSON) is what a shared store keeps so another replica can resume the job;
+        ``job_id``: an id the caller chose (it named the job before submitting it)."""
         with self._lock:
             waiting = self.store.queued()
             if waiting >= self.max_queued:
                 raise OverloadedError(f"{waiting} background jobs are queued (maximum {self.max_queued}); retry later", retry_after=5)
-            job = Job(id=uuid.uuid4().hex, kind=kind, total=total, store=self.store, spec=spec)
+            job = Job(id=job_id or uuid.uuid4().hex, kind=kind, total=total, store=self.store, spec=spec)
             self.store.add(job)
         self._pool.submit(self._run, job, work)
         return job

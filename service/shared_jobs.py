@@ -6,7 +6,8 @@ A job is a row of ``embedlift.jobs``: kind, status, progress, result (JSON) or e
 while it is queued or runs: its lease) and its input (``spec``). Once its lease has run out, another replica
 claims it (``FOR UPDATE SKIP LOCKED``, so exactly one does) and finishes it: a bulk upsert goes on from the
 documents already committed (re-upserting by id replaces, so nothing is duplicated); an evaluation (no side
-effects) and a re-index (staging replaces what was staged; the swap is one transaction) start again. A job
+effects), a re-index (staging replaces what was staged; the swap is one transaction) and the build of an
+adapter's document view (it fills its table again) start again. A job
 without a ``spec`` whose lease ran out is reported failed, saying why.
 """
 
@@ -25,7 +26,7 @@ from embedlift.service.jobs import Job, JobStore
 
 HEARTBEAT = 5.0
 #: Kinds another replica can finish from their ``spec`` (``Engine._resumed_work``).
-RESUMABLE = ("upsert", "eval", "reindex")
+RESUMABLE = ("upsert", "eval", "reindex", "view")
 
 
 class DatabaseJobStore(JobStore):

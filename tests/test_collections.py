@@ -12,7 +12,7 @@ import time
 
 import pytest
 from embedlift.models.cache import CachedEncoder, EmbeddingCache
-from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
+from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from embedlift.models.windows import embed_documents, embed_pooled
 from embedlift.service.collections import CollectionManager, NewDocument
 from embedlift.service.collections.collection import SearchPlan
@@ -336,9 +336,10 @@ def test_a_collection_on_another_base_is_reindexed_through_the_manager(encoder, 
 
 @pytest.mark.parametrize("homes", ["postgres"], indirect=True)
 def test_two_replicas_search_each_others_writes_at_once_in_every_index(encoder, homes, tmp_path):
-    """Two managers over one database (two replicas): each one's lexical index and ``apply_to: both`` view live in
-    its memory and follow the write log, so a write or delete through one is searched through the other at once,
-    exactly (against brute force on what the database holds)."""
+    """Two managers over one database (two replicas): each one's lexical index lives in its memory and follows
+    the write log; an ``apply_to: both`` adapter's view is one table in the database that both search (built
+    once, kept current from the same log). A write or delete through one is searched through the other at once,
+    exactly (the view against brute force over the mapped vectors of what the database holds)."""
     from embedlift.models.checkpoint import load_checkpoint
 
     from tests.helpers import make_adapter
@@ -354,7 +355,17 @@ def test_two_replicas_search_each_others_writes_at_once_in_every_index(encoder, 
     def view_ids(c):
         return [h.id for h in c.search(qa, ["autonomous vehicles"], SearchPlan(k=5), "both@1", adapter)[0].hits]
 
-    assert view_ids(cb) == view_ids(ca)
+    def mapped_brute_force(items):
+        scores = {d.id: float((adapter.transform_document(d.vectors) @ qa[0]).max()) for d in documents(encoder, items)}
+        return sorted(scores, key=lambda d: -scores[d])[:5]
+
+    view = ca.index_for("both@1", adapter)
+    assert view.pending and cb.index_for("both@1", adapter).pending  # one view in the store, not built yet
+    with pytest.raises(UnavailableError, match="being built"):
+        view_ids(cb)
+    view.build()
+    assert not cb.index_for("both@1", adapter).pending  # built once, through a, for both
+    assert view_ids(cb) == view_ids(ca) == mapped_brute_force(corpus(20))
     ca.upsert(documents(encoder, [("fresh", "Autonomous vehicles and robotaxis replace drivers.", {"topic": "new"})]))
     lexical = cb.search(None, ["robotaxis"], SearchPlan(k=3, mode="lexical"))[0]
     assert [h.id for h in lexical.hits] == ["fresh"]
@@ -362,5 +373,11 @@ def test_two_replicas_search_each_others_writes_at_once_in_every_index(encoder, 
     cb.delete(["fresh", "doc-2"])
     assert ca.search(None, ["robotaxis"], SearchPlan(k=3, mode="lexical"))[0].hits == []
     assert "fresh" not in view_ids(ca) and view_ids(ca) == view_ids(cb)
+    assert view_ids(ca) == mapped_brute_force([c for c in corpus(20) if c[0] != "doc-2"])
+    cb.drop_views(set())  # its adapter deleted: the table goes, for every replica
+    with ca.store.db.transaction() as conn:
+        assert conn.execute("SELECT count(*), to_regclass(%s) FROM embedlift.views", (view.table,)).fetchone() == (0, None)
+    with pytest.raises(NotFoundError, match="dropped"):
+        view_ids(ca)  # a replica that still has the adapter a moment longer
     hybrid = [cb.search(q, ["autonomous vehicles drivers"], SearchPlan(k=5, mode="hybrid"))[0].hits for _ in range(2)]
     assert [h.id for h in hybrid[0]] == [h.id for h in ca.search(q, ["autonomous vehicles drivers"], SearchPlan(k=5, mode="hybrid"))[0].hits]

@@ -380,3 +380,55 @@ def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_anoth
         if a_proc.poll() is None:
             a_proc.kill()
         stop_server(b_proc)
+
+
+def test_an_apply_to_both_adapters_view_is_a_table_built_by_one_job_and_dropped_with_the_adapter(postgres, hashing, tmp_path):
+    """Registering an ``apply_to: both`` adapter on replicas sharing a collection of 6,000 windows: one replica
+    builds its document view into the database as a job (searches through it answer 503 naming the job until
+    then), every replica searches that one table, writes through any replica reach it, and deleting the adapter
+    drops it."""
+    import psycopg
+
+    from tests.helpers import make_adapter
+
+    url = postgres.create_database(f"v_{uuid.uuid4().hex[:10]}")
+    env = {"EMBEDLIFT_STORE": url}
+    servers = [start_server(tmp_path / f"d{i}", tmp_path / f"a{i}", "--base", HASHING, "--watch-interval", "0", env=env) for i in range(2)]
+    (_, a), (_, b) = servers
+
+    def rows(sql):
+        with psycopg.connect(url) as conn:
+            return conn.execute(sql).fetchall()
+
+    try:
+        assert httpx.put(f"{a}/collections/c", json={}).status_code == 201
+        bulk = httpx.post(f"{a}/collections/c/documents", json={"documents": docs(6000)}, timeout=60).json()["job"]["id"]
+        wait_for(lambda: httpx.get(f"{a}/jobs/{bulk}").json()["status"] == "succeeded", timeout=120)
+        upload = tar_of(make_adapter(hashing, tmp_path / "upload" / "both", apply_to="both"))
+        assert httpx.post(f"{a}/adapters", content=upload, headers={"Content-Type": "application/x-tar"}, params={"name": "both"}).status_code == 201
+        search = {"query": "driver pay in region 2", "k": 5, "adapter": "both", "mode": "dense"}
+        first = httpx.post(f"{b}/collections/c/search", json=search)
+        if first.status_code == 503:  # still building: says so, and where to look
+            assert first.headers["Retry-After"] and "GET /jobs/" in first.json()["error"]["message"]
+        for u in (a, b):
+            wait_for(lambda u=u: httpx.post(f"{u}/collections/c/search", json=search).status_code == 200, timeout=60)
+        [(view, ready, job)] = rows("SELECT id, ready, job FROM embedlift.views")
+        assert ready and job
+        for u in (a, b):  # one job built it, and every replica reports on it
+            done = httpx.get(f"{u}/jobs/{job}").json()
+            assert (done["kind"], done["status"], done["result"]["windows"], done["result"]["adapter"]) == ("view", "succeeded", 6000, "both@1")
+        table = f"embedlift.c1_v{view}"
+        assert rows(f"SELECT count(*) FROM {table}") == [(6000,)]
+        hits = [httpx.post(f"{u}/collections/c/search", json=search).json()["hits"] for u in (a, b)]
+        assert len(hits[0]) == 5 and hits[0] == hits[1]
+        # a write through either replica reaches the view before it is acknowledged
+        assert httpx.post(f"{b}/collections/c/documents", json={"documents": docs(1, "fresh")}).status_code == 200
+        assert rows(f"SELECT count(*) FROM {table}") == [(6001,)]
+        assert httpx.post(f"{a}/collections/c/documents/delete", json={"ids": ["fresh0", "d1"]}).json()["deleted"] == 2
+        assert rows(f"SELECT count(*) FROM {table} WHERE seq IN (SELECT seq FROM embedlift.c1_docs)") == [(5999,)]
+        assert rows(f"SELECT count(*) FROM {table}") == [(5999,)]
+        assert httpx.delete(f"{b}/adapters/both").status_code == 204
+        assert rows("SELECT count(*) FROM embedlift.views") == [(0,)] and rows(f"SELECT to_regclass('{table}')") == [(None,)]
+    finally:
+        for proc, _ in servers:
+            stop_server(proc)

@@ -21,7 +21,7 @@ is ``key >> 16``: no lookup is needed to keep one hit per document.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +235,9 @@ class CollectionStore(ABC):
 
         return FaissIndex(self, config, transform, label).load()
 
+    def drop_views(self, keep: set[str]) -> None:
+        """Remove what the store keeps of views whose adapter's label is not in ``keep`` (in memory: nothing)."""
+
     def lexical_index(self, analyzer: Analyzer) -> LexicalIndex:
         """The lexical index for ``analyzer``, loaded (``status`` says whether the postings are complete)."""
         from embedlift.service.collections.lexical_index import MemoryLexicalIndex
@@ -278,6 +281,23 @@ class CollectionIndex(ABC):
 
     def apply(self, changes: Changes) -> None:
         """Follow a write the store has committed (a derived index); an index that reads the store has nothing to do."""
+
+    @property
+    def pending(self) -> bool:
+        """Whether it must be built (``build``) before it serves: an adapter's view kept in the store itself.
+        An index in memory is built when it is made."""
+        return False
+
+    def catch_up(self) -> None:
+        """Apply the writes committed since it was last current (an index kept in the store; in memory: nothing,
+        writes are applied as they happen)."""
+
+    def claim_build(self, job_id: str) -> bool:
+        """Whether this replica builds it, as job ``job_id`` (``False``: built, or a live job already does)."""
+        return False
+
+    def build(self, report: Callable[[int, int], None] | None = None) -> None:
+        """Fill it from the stored base vectors (``report(done, total)`` in windows); then it serves."""
 
     def close(self) -> None:
         """Release what the index holds."""

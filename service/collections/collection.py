@@ -156,9 +156,10 @@ class Collection:
             return self._indexes[key]
 
     def drop_views(self, keep: set[str]) -> None:
-        """Forget adapter views whose adapter is gone."""
+        """Drop the views of adapters that are gone (``keep``: the labels registered), here and in the store."""
         with self._write_lock:
             self._indexes = {k: v for k, v in self._indexes.items() if k == BASE_VIEW or k in keep}
+            self.store.drop_views(keep)
 
     # writes ------------------------------------------------------------------------------------------
     def new_document(self, doc_id: str, text: str, metadata: dict, spans: list[Span], vectors: np.ndarray) -> NewDocument:

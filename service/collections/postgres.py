@@ -17,8 +17,9 @@ Every write is one transaction that first locks the collection's row (writes to 
 across replicas), records itself in ``embedlift.changes`` (the window keys it removed, the documents it added)
 and is acknowledged after commit. The lexical index is BM25 in each replica's memory (the embedded store's
 ``MemoryLexicalIndex``: scoring all of a common term's postings in SQL measured 50x slower at 100k windows),
-and an ``apply_to: both`` adapter's view is FAISS in memory; both follow the write log before every search, so a
-write through one replica is searched through every other at once.
+which follows the write log before every search, so a write through one replica is searched through every
+other at once. An ``apply_to: both`` adapter's document view is a table of the collection (``c<id>_v<view>``,
+``PostgresView``), built as a job, kept current from the same log, dropped with its adapter.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError
+from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from embedlift.models.lexical import Analyzer
 from embedlift.models.spec import BaseSpec
 from embedlift.models.windows import Span, WindowedVectors
@@ -54,7 +55,7 @@ from embedlift.service.collections.base import (
     WindowTerms,
     window_keys,
 )
-from embedlift.service.collections.faiss_index import AUTO_HNSW_WINDOWS, FaissIndex, Transform  # the same threshold on both stores
+from embedlift.service.collections.faiss_index import AUTO_HNSW_WINDOWS, Transform  # the same threshold on both stores
 from embedlift.service.collections.lexical_index import MemoryLexicalIndex
 from embedlift.service.collections.filters import parse, to_postgres
 from embedlift.service.database import SCHEMA, Database
@@ -155,7 +156,8 @@ class PostgresHome:
             if row is None:
                 return
             t = _tables(row[0])
-            conn.execute(f"DROP TABLE IF EXISTS {t['postings']}, {t['windows']}, {t['docs']}, {t['postings_staged']}, {t['windows_staged']}")
+            views = [f"{SCHEMA}.c{row[0]}_v{v}" for (v,) in conn.execute(f"SELECT id FROM {SCHEMA}.views WHERE collection_id = %s", (row[0],))]
+            conn.execute(f"DROP TABLE IF EXISTS {', '.join([*views, t['postings'], t['windows'], t['docs'], t['postings_staged'], t['windows_staged']])}")
 
 
 def _has_hnsw(conn: Any, cid: int) -> bool:
@@ -537,7 +539,16 @@ class PostgresStore(CollectionStore):
         return FollowingLexicalIndex(self, analyzer).load()
 
     def view_index(self, config: CollectionConfig, transform: Transform, label: str) -> CollectionIndex:
-        return FollowingView(self, config, transform, label)
+        return PostgresView(self, config, transform, label)
+
+    def drop_views(self, keep: set[str]) -> None:
+        with self.db.transaction() as conn:
+            gone = conn.execute(
+                f"DELETE FROM {SCHEMA}.views WHERE collection_id = %s AND NOT label = ANY(%s) RETURNING id, label", (self.cid, sorted(keep))
+            ).fetchall()
+            for view, label in gone:
+                conn.execute(f"DROP TABLE IF EXISTS {SCHEMA}.c{self.cid}_v{int(view)}")
+                logger.info("collection %s: view of adapter %s dropped", self.name, label)
 
 
 def _filter_sql(selection: Selection | None) -> tuple[str, list[Any]]:
@@ -568,33 +579,38 @@ class PostgresIndex(CollectionIndex):
         return "hnsw" if self._indexed else "flat"
 
     def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
-        t = self.store.t
-        kind = self.kind
-        clause, params = _filter_sql(selection)
-        join = f"JOIN {t['docs']} d ON d.seq = w.seq WHERE {clause}" if clause else ""
-        out: list[Candidates] = []
-        with self.store.db.transaction() as conn:
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(self.config.ef_search), PGVECTOR_MIN_EF_SEARCH)}")
-            if kind == "flat":
-                conn.execute("SET LOCAL enable_indexscan = off")  # exact: a scan of every window
-            elif clause:
-                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")  # keep scanning until enough pass
-            for q in np.asarray(queries, np.float32):
-                m = max(4 * n, 16)
-                while True:
-                    rows = conn.execute(
-                        f"""WITH nn AS MATERIALIZED (
-                                SELECT w.key, w.embedding <#> %s AS distance FROM {t['windows']} w {join}
-                                ORDER BY w.embedding <#> %s LIMIT %s),
-                            best AS (SELECT DISTINCT ON (key >> {WINDOW_BITS}) key, distance FROM nn ORDER BY key >> {WINDOW_BITS}, distance, key)
-                            SELECT key, distance, (SELECT count(*) FROM nn) FROM best ORDER BY distance, key LIMIT %s""",
-                        [q, *params, q, m, n],
-                    ).fetchall()
-                    if len(rows) >= n or not rows or rows[0][2] < m:  # enough documents, or every window seen
-                        break
-                    m *= 4
-                out.append({int(k) >> WINDOW_BITS: (-float(d), int(k) & MASK) for k, d, _ in rows})
-        return out
+        return _nearest(self.store, self.store.t["windows"], self.kind, self.config, queries, n, selection)
+
+
+def _nearest(store: PostgresStore, table: str, kind: str, config: CollectionConfig, queries: np.ndarray, n: int,
+             selection: Selection | None) -> list[Candidates]:
+    """Dense search in SQL over ``table`` (window key, ``seq``, vector): the ``n`` best documents per query, each
+    with its best window; exact (a scan) when ``kind`` is ``flat``, else on the table's HNSW index."""
+    clause, params = _filter_sql(selection)
+    join = f"JOIN {store.t['docs']} d ON d.seq = w.seq WHERE {clause}" if clause else ""
+    out: list[Candidates] = []
+    with store.db.transaction() as conn:
+        conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(config.ef_search), PGVECTOR_MIN_EF_SEARCH)}")
+        if kind == "flat":
+            conn.execute("SET LOCAL enable_indexscan = off")  # exact: a scan of every window
+        elif clause:
+            conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")  # keep scanning until enough pass
+        for q in np.asarray(queries, np.float32):
+            m = max(4 * n, 16)
+            while True:
+                rows = conn.execute(
+                    f"""WITH nn AS MATERIALIZED (
+                            SELECT w.key, w.embedding <#> %s AS distance FROM {table} w {join}
+                            ORDER BY w.embedding <#> %s LIMIT %s),
+                        best AS (SELECT DISTINCT ON (key >> {WINDOW_BITS}) key, distance FROM nn ORDER BY key >> {WINDOW_BITS}, distance, key)
+                        SELECT key, distance, (SELECT count(*) FROM nn) FROM best ORDER BY distance, key LIMIT %s""",
+                    [q, *params, q, m, n],
+                ).fetchall()
+                if len(rows) >= n or not rows or rows[0][2] < m:  # enough documents, or every window seen
+                    break
+                m *= 4
+            out.append({int(k) >> WINDOW_BITS: (-float(d), int(k) & MASK) for k, d, _ in rows})
+    return out
 
 
 class LogFollower:
@@ -679,43 +695,142 @@ def _select(p: Postings, keep: np.ndarray) -> Postings:
     return Postings(keys=p.keys[keep], lengths=p.lengths[keep], window_of=renumber[p.window_of[mine]], term_ids=p.term_ids[mine], tfs=p.tfs[mine])
 
 
-class FollowingView(LogFollower, CollectionIndex):
-    """An ``apply_to: both`` adapter's document view (FAISS over the stored base vectors mapped by its document
-    transform) in this replica's memory, following the write log before every search as the lexical index does:
-    removed windows leave it, added documents' windows are read back and mapped in (idempotent by key)."""
+class PostgresView(CollectionIndex):
+    """An ``apply_to: both`` adapter's document view as a table of its collection (``c<id>_v<view id>``: window
+    key, ``seq``, the base vector mapped by the adapter's document transform), with its own HNSW index where the
+    collection has one, searched in SQL like the base windows. Nothing of it is in a replica's memory.
+
+    It is built as a job (``build``, from the stored base vectors) and serves once built (``pending`` until
+    then). It follows the collection's write log (``embedlift.changes``): after each write through this replica,
+    and before each search (in case a writer died between its commit and the view's), the writes it has not seen
+    are applied in one transaction that holds the view's row lock, so two replicas never apply one twice; a
+    write that changed everything (a re-index) fills it again. Dropped (table and row) with its adapter."""
 
     def __init__(self, store: PostgresStore, config: CollectionConfig, transform: Transform, label: str) -> None:
         self.store, self.config, self.transform, self.label = store, config, transform, label
-        self._lock = threading.Lock()
-        self._build()
+        with store.db.transaction() as conn:
+            conn.execute(f"INSERT INTO {SCHEMA}.views (collection_id, label) VALUES (%s, %s) ON CONFLICT DO NOTHING", (store.cid, label))
+            self.id = int(conn.execute(f"SELECT id FROM {SCHEMA}.views WHERE collection_id = %s AND label = %s", (store.cid, label)).fetchone()[0])
+        self.table = f"{SCHEMA}.c{store.cid}_v{self.id}"
+        self._ready = False
+        self._kind = "flat"
 
-    def _build(self) -> None:
-        self._seen = self.store.generation()  # read first: a write after it is applied again, harmlessly
-        self._inner = FaissIndex(self.store, self.config, self.transform, self.label).load()
-        self._keys = set(self._inner.keys().tolist())
+    def _row(self, conn: Any, lock: bool = False) -> tuple[bool, int, str | None]:
+        row = conn.execute(f"SELECT ready, generation, job FROM {SCHEMA}.views WHERE id = %s{' FOR UPDATE' if lock else ''}", (self.id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"the view of adapter {self.label} on collection {self.store.name!r} was dropped (the adapter was deleted)")
+        return bool(row[0]), int(row[1]), row[2]
+
+    @property
+    def pending(self) -> bool:
+        if not self._ready:
+            with self.store.db.transaction() as conn:
+                self._ready = self._row(conn)[0]
+        return not self._ready
 
     @property
     def kind(self) -> str:  # type: ignore[override]
-        return self._inner.kind
+        """``hnsw`` once the table has its index (built with it where the collection searches by HNSW)."""
+        if self._kind != "hnsw":
+            with self.store.db.transaction() as conn:
+                found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{self.table}_hnsw",)).fetchone()[0]
+            self._kind = "hnsw" if found else "flat"
+        return self._kind
 
-    def _reload(self) -> None:
-        self._build()
+    def claim_build(self, job_id: str) -> bool:
+        with self.store.db.transaction() as conn:
+            return conn.execute(
+                f"""UPDATE {SCHEMA}.views v SET job = %s WHERE v.id = %s AND NOT v.ready AND (v.job IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {SCHEMA}.jobs j WHERE j.id = v.job AND j.status IN ('queued', 'running'))) RETURNING id""",
+                (job_id, self.id),
+            ).fetchone() is not None
 
-    def _apply_write(self, removed: np.ndarray, added: list[int]) -> None:
-        gone = np.array([k for k in removed.tolist() if k in self._keys], np.int64)
-        if len(gone):
-            self._inner.apply(Changes(removed=gone))
-            self._keys.difference_update(gone.tolist())
-        if added:
-            keys, vectors = self.store.windows_of(added)
-            fresh = np.array([int(k) not in self._keys for k in keys], bool)
-            if fresh.any():
-                self._inner.apply(Changes(added=[(keys[fresh], vectors[fresh])]))
-                self._keys.update(keys[fresh].tolist())
+    def build(self, report: Callable[[int, int], None] | None = None) -> None:
+        with self.store.db.transaction() as conn:
+            ready, _, _ = self._row(conn, lock=True)  # builders of one view take turns; the second finds it built
+            if ready:
+                return
+            generation = self._fill(conn, report)
+            conn.execute(f"UPDATE {SCHEMA}.views SET ready = true, generation = %s WHERE id = %s", (generation, self.id))
+        self._ready = True
+        logger.info("collection %s: view of adapter %s built (%s)", self.store.name, self.label, self.table)
+
+    def _fill(self, conn: Any, report: Callable[[int, int], None] | None = None) -> int:
+        """(Re)create the table from the stored base vectors, in the caller's transaction; the generation it
+        reflects at least (read first: a write after it is applied again by the next catch-up, harmlessly)."""
+        generation = self.store.generation()
+        total = self.store.count()[1]
+        dim = int(self.transform(np.zeros((1, self.config.dim), np.float32)).shape[1])
+        conn.execute(f"DROP TABLE IF EXISTS {self.table}")
+        conn.execute(f"CREATE TABLE {self.table} (key bigint PRIMARY KEY, seq bigint NOT NULL, embedding vector({dim}) NOT NULL)")
+        done = 0
+        for keys, vectors in self.store.iter_windows():
+            self._copy(conn, keys, vectors)
+            done += len(keys)
+            if report is not None:
+                report(done, total)
+        if PostgresIndex(self.store, self.config).kind == "hnsw":
+            conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
+            conn.execute(
+                f"CREATE INDEX c{self.store.cid}_v{self.id}_hnsw ON {self.table} USING hnsw (embedding vector_ip_ops) "
+                f"WITH (m = {int(self.config.hnsw_m)}, ef_construction = {int(self.config.ef_construction)})"
+            )
+        return generation
+
+    def _copy(self, conn: Any, keys: np.ndarray, vectors: np.ndarray) -> None:
+        if not len(keys):
+            return
+        mapped = np.asarray(self.transform(vectors), np.float32)
+        with conn.cursor().copy(f"COPY {self.table} (key, seq, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int8", "vector"])
+            for key, v in zip(keys.tolist(), mapped, strict=True):
+                copy.write_row((key, key >> WINDOW_BITS, v))
+
+    def catch_up(self) -> None:
+        """Apply the collection's writes the table has not seen (nothing when it is current: one query)."""
+        with self.store.db.transaction() as conn:
+            row = conn.execute(
+                f"SELECT v.generation, c.writes FROM {SCHEMA}.views v JOIN {SCHEMA}.collections c ON c.id = v.collection_id WHERE v.id = %s",
+                (self.id,),
+            ).fetchone()
+            if row is None:
+                self._row(conn)  # raises: the view was dropped
+        if row[0] >= row[1]:
+            return
+        with self.store.db.transaction() as conn:
+            _, seen, _ = self._row(conn, lock=True)
+            generation, writes = self.store.changes_since(seen)
+            if generation == seen:
+                return  # another replica caught it up meanwhile
+            if writes is None:
+                generation = self._fill(conn)
+            else:
+                for removed, added in writes:
+                    if len(removed):
+                        conn.execute(f"DELETE FROM {self.table} WHERE key = ANY(%s)", ([int(k) for k in removed],))
+                    if added:
+                        keys, vectors = self.store.windows_of(added)
+                        conn.execute(f"DELETE FROM {self.table} WHERE key = ANY(%s)", (keys.tolist(),))  # applied again: replaced
+                        self._copy(conn, keys, vectors)
+            conn.execute(f"UPDATE {SCHEMA}.views SET generation = %s WHERE id = %s", (generation, self.id))
 
     def apply(self, changes: Changes) -> None:
-        """Nothing: this replica's writes are followed from the log like every other's."""
+        """After a write through this replica: bring the view up to date now (a failure here leaves it to the
+        next search, which catches up first)."""
+        if self._ready or not self.pending:
+            try:
+                self.catch_up()
+            except Exception as exc:  # noqa: BLE001 - the write has committed; the next search catches up
+                logger.warning("collection %s: view of adapter %s not caught up after a write: %s", self.store.name, self.label, exc)
 
     def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
+        if self.pending:
+            with self.store.db.transaction() as conn:
+                job = self._row(conn)[2]
+            raise UnavailableError(
+                f"the document view of adapter {self.label} on collection {self.store.name!r} is being built"
+                + (f" (GET /jobs/{job})" if job else "") + "; retry when it is done", retry_after=2,
+            )
         self.catch_up()
-        return self._inner.dense(queries, n, selection)
+        return _nearest(self.store, self.table, self.kind, self.config, queries, n, selection)
+
