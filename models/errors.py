@@ -18,12 +18,16 @@ class EmbedliftError(Exception):
     #: Extra response headers (``Retry-After``, ``WWW-Authenticate``).
     headers: dict[str, str] = {}
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         #: The request field at fault (``documents[3].text``, ``k``), where the error is about one: error bodies
         #: carry it as ``field`` (OpenAI's ``param``), so a client can point at it.
         self.field = field
+        #: Seconds after which the same request is worth retrying (429, 503): sent as ``Retry-After``.
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers = {**self.headers, "Retry-After": str(retry_after)}
 
 
 class InvalidInputError(EmbedliftError):
@@ -100,9 +104,7 @@ class OverloadedError(EmbedliftError):
     http_description = "overloaded: retry after the `Retry-After` seconds"
 
     def __init__(self, message: str, retry_after: int = 1, field: str | None = None) -> None:
-        super().__init__(message, field)
-        self.retry_after = retry_after
-        self.headers = {"Retry-After": str(retry_after)}
+        super().__init__(message, field, retry_after=retry_after)
 
 
 class UnavailableError(EmbedliftError):
@@ -114,9 +116,7 @@ class UnavailableError(EmbedliftError):
     http_description = "still loading (or failed to load); see /ready"
 
     def __init__(self, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        super().__init__(message, retry_after=retry_after)
 
 
 class RemoteError(EmbedliftError):

@@ -128,9 +128,7 @@ class StoreUnavailableError(UnavailableError):
     """The database cannot be reached now (503 with Retry-After); the service retries by itself."""
 
     def __init__(self, message: str, retry_after: int = RETRY_AFTER) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.headers = {"Retry-After": str(retry_after)}
+        super().__init__(message, retry_after=retry_after)
 
 
 def redact(url: str) -> str:

@@ -69,15 +69,15 @@ class _Settings:
         if attempt >= self.max_retries:
             return None
         if response is None:
-            return calls.retry_delay(None, None, attempt)
+            return calls.retry_delay(None, attempt)
         if response.status_code not in calls.RETRY_STATUSES:
             return None
-        return calls.retry_delay(response.status_code, response.headers.get("Retry-After"), attempt)
+        return calls.retry_delay(calls.retry_after(response.headers.get("Retry-After")), attempt)
 
     @staticmethod
     def finish(call: Call[T], response: httpx.Response) -> T:
         if response.status_code >= 400:
-            raise api_error(response.status_code, response.content, calls.parse_retry_after(response.headers.get("Retry-After")))
+            raise api_error(response.status_code, response.content, calls.retry_after(response.headers.get("Retry-After")))
         return call.decode(response.status_code, response.content)
 
 
@@ -156,17 +156,17 @@ class Client:
         """Vectors of ``texts`` as queries or documents (an adapter applies to the query side unless trained for
         both; ``adapter="base"``: none); ``return_windows`` adds each window's vector and span. Sent in requests
         of ``batch_size`` texts; a request over the server's token budget is split in two until it fits."""
-        options = (input_type, adapter, normalize, truncate, return_windows)
-        return calls.joined([self._embed(batch, *options) for batch in _batches(_texts(texts), batch_size)])
+        options = calls.EmbedOptions(input_type, adapter, normalize, truncate, return_windows)
+        return calls.joined([self._embed(batch, options) for batch in _batches(_texts(texts), batch_size)])
 
-    def _embed(self, texts: Sequence[str], *options: Any) -> EmbedResponse:
+    def _embed(self, texts: Sequence[str], options: calls.EmbedOptions) -> EmbedResponse:
         try:
-            return self.send(calls.embed(texts, *options))
+            return self.send(calls.embed(texts, options))
         except RequestTooLargeError:
             if len(texts) == 1:
                 raise
             half = len(texts) // 2
-            return calls.joined([self._embed(part, *options) for part in (texts[:half], texts[half:])])
+            return calls.joined([self._embed(part, options) for part in (texts[:half], texts[half:])])
 
     # ------------------------------------------------------------------------------------------ collections
     def list_collections(self) -> list[CollectionInfo]:
@@ -316,17 +316,17 @@ class AsyncClient:
         truncate: bool = False, return_windows: bool = False, batch_size: int = EMBED_BATCH,
     ) -> EmbedResponse:
         """As ``Client.embed``; the batches are sent concurrently (the server batches them for the model)."""
-        options = (input_type, adapter, normalize, truncate, return_windows)
-        return calls.joined(await asyncio.gather(*(self._embed(batch, *options) for batch in _batches(_texts(texts), batch_size))))
+        options = calls.EmbedOptions(input_type, adapter, normalize, truncate, return_windows)
+        return calls.joined(await asyncio.gather(*(self._embed(batch, options) for batch in _batches(_texts(texts), batch_size))))
 
-    async def _embed(self, texts: Sequence[str], *options: Any) -> EmbedResponse:
+    async def _embed(self, texts: Sequence[str], options: calls.EmbedOptions) -> EmbedResponse:
         try:
-            return await self.send(calls.embed(texts, *options))
+            return await self.send(calls.embed(texts, options))
         except RequestTooLargeError:
             if len(texts) == 1:
                 raise
             half = len(texts) // 2
-            return calls.joined([await self._embed(part, *options) for part in (texts[:half], texts[half:])])
+            return calls.joined([await self._embed(part, options) for part in (texts[:half], texts[half:])])
 
     async def list_collections(self) -> list[CollectionInfo]:
         return await self.send(calls.list_collections())

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Generic, Literal, TypedDict, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypedDict, TypeVar
 from urllib.parse import quote
 
 import msgspec
@@ -89,28 +89,27 @@ class Call(Generic[T]):
         return {"method": self.method, "url": self.path, "content": content, "headers": headers, "params": dict(self.params) or None}
 
 
-def retry_delay(status: int | None, retry_after: str | None, attempt: int) -> float:
-    """Seconds before another try: the server's ``Retry-After`` (seconds or an HTTP date) when it sent one, else
-    exponential backoff from half a second; never more than ``MAX_DELAY``. ``status`` ``None``: no answer."""
-    if retry_after:
-        try:
-            return min(max(float(retry_after), 0.0), MAX_DELAY)
-        except ValueError:
-            try:
-                import datetime as dt
-
-                when = parsedate_to_datetime(retry_after)
-                return min(max((when - dt.datetime.now(dt.timezone.utc)).total_seconds(), 0.0), MAX_DELAY)
-            except (TypeError, ValueError):
-                pass
-    return min(0.5 * 2**attempt, MAX_DELAY)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
+def retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds from now (it may be seconds or an HTTP date); ``None`` when absent or
+    unreadable."""
+    if not value:
         return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        import datetime as dt
+
+        return max((parsedate_to_datetime(value) - dt.datetime.now(dt.timezone.utc)).total_seconds(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def retry_delay(asked: float | None, attempt: int) -> float:
+    """Seconds before another try: what the server asked for (``retry_after``) when it did, else exponential
+    backoff from half a second; never more than ``MAX_DELAY``."""
+    return min(asked if asked is not None else 0.5 * 2**attempt, MAX_DELAY)
 
 
 # ---------------------------------------------------------------------------------------------- decoders
@@ -240,10 +239,20 @@ def models() -> Call[ModelList]:
     return Call("GET", "/v1/models", struct(ModelList))
 
 
-def embed(texts: Sequence[str], role: Role, adapter: str | None, normalize: bool, truncate: bool, windows: bool = False) -> Call[EmbedResponse]:
+class EmbedOptions(NamedTuple):
+    """What every batch of one ``embed`` call is sent with."""
+
+    role: Role = "query"
+    adapter: str | None = None
+    normalize: bool = True
+    truncate: bool = False
+    windows: bool = False
+
+
+def embed(texts: Sequence[str], options: EmbedOptions) -> Call[EmbedResponse]:
     body = EmbedRequest(
-        input=list(texts), input_type=role, adapter=adapter, normalize=normalize, truncate=truncate, return_windows=windows,
-        encoding_format="base64",
+        input=list(texts), input_type=options.role, adapter=options.adapter, normalize=options.normalize,
+        truncate=options.truncate, return_windows=options.windows, encoding_format="base64",
     )
     return Call("POST", "/embed", embeddings, body=body)
 
