@@ -491,6 +491,10 @@ def hybrid_search(sizes: list[int], queries: list[str], passages: list[str], tmp
     from embedlift.service.schemas import CollectionCreate
 
     rates: dict[str, list[float]] = {"on": [], "off": []}
+    # as every embedlift command runs (service/cli.py): the tokenizer on one thread, so the lexical analysis of a
+    # batch runs beside its window planning on the other core (Engine._upsert)
+    parallel_tokenizer = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     for round_ in range(3):  # interleaved, so drift in machine speed hits both alike
         for lexical in ("on", "off"):
             name = f"{lexical}-{round_}"
@@ -499,6 +503,10 @@ def hybrid_search(sizes: list[int], queries: list[str], passages: list[str], tmp
             for start in range(0, len(docs), 250):
                 asyncio.run(engine.upsert(name, docs[start : start + 250]))
             rates[lexical].append(len(docs) / (time.perf_counter() - t))
+    if parallel_tokenizer is None:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = parallel_tokenizer
     engine.close()
     upsert = {k: statistics.median(v) for k, v in rates.items()}
     print(f"  upserts, vectors cached: lexical on {upsert['on']:.0f} docs/s, off {upsert['off']:.0f} docs/s "

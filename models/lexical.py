@@ -19,10 +19,13 @@ Both sides use this module, so a collection's lexical index and ``embedlift eval
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -40,8 +43,20 @@ _STOPWORDS = {
     "danish": "STOPWORDS_DANISH", "turkish": "STOPWORDS_TURKISH",
 }
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
+_SPLIT = re.compile(r"(?u)\b(\w\w+)\b")  # the same tokens, with what lies between them
 #: Distinct words an analyzer remembers the terms of (a few tens of MB at most).
 MAX_KNOWN_WORDS = 500_000
+
+
+@dataclass(frozen=True)
+class AnalysedText:
+    """A text's tokens once, so that each of its (overlapping) windows counts its own terms without analysing
+    the overlap again: every token's ``[start, end)`` in the text and its term (``""`` for a stop word)."""
+
+    lowered: str
+    starts: list[int]
+    ends: list[int]
+    terms: list[str]
 
 
 class Analyzer:
@@ -94,6 +109,44 @@ class Analyzer:
         """``(length in terms, {term: frequency})``: what an index stores of one unit."""
         terms = self.terms(text)
         return len(terms), dict(Counter(terms))
+
+    def analyse(self, text: str) -> AnalysedText | None:
+        """The text's tokens with their places and terms, for ``window_counts``. ``None`` where lower-casing is
+        not character by character (the text's length changes, or a capital sigma, whose lower case depends on
+        what follows it): there each window is analysed on its own."""
+        lowered = text.lower()
+        if len(lowered) != len(text) or "\u03a3" in text:
+            return None
+        parts = _SPLIT.split(lowered)  # between, token, between, token, ..., between
+        words = parts[1::2]
+        bounds = list(accumulate(map(len, parts)))  # where each part ends
+        known = self._known
+        terms = list(map(known.get, words))
+        if None in terms:
+            new = self._terms_of({w for w, t in zip(words, terms, strict=True) if t is None})
+            terms = [t if t is not None else new[w] for w, t in zip(words, terms, strict=True)]
+        return AnalysedText(lowered=lowered, starts=bounds[0::2][: len(words)], ends=bounds[1::2], terms=terms)  # type: ignore[arg-type]
+
+    def window_counts(self, text: str, spans: Sequence[tuple[int, int]], analysed: AnalysedText | None = None) -> list[tuple[int, dict[str, int]]]:
+        """``counts`` of each window ``text[a:b]``, from one analysis of the whole text (``analysed``, else made
+        here): the tokens inside a window are counted as they are; a token cut by the window's edge is analysed
+        as the part the window holds, as ``counts`` of the slice would."""
+        if analysed is None:
+            analysed = self.analyse(text)
+        if analysed is None:
+            return [self.counts(text[a:b]) for a, b in spans]
+        low, starts, ends, terms = analysed.lowered, analysed.starts, analysed.ends, analysed.terms
+        out = []
+        for a, b in spans:
+            first, last = bisect.bisect_left(starts, a), bisect.bisect_right(ends, b)  # the tokens inside: [first, last)
+            counts = Counter(terms[first:last])
+            if first > 0 and ends[first - 1] > a:  # a token cut by the window's start (or holding the whole window)
+                counts.update(self.terms(low[a : min(ends[first - 1], b)]))
+            if first <= last < len(starts) and starts[last] < b:  # a token cut by its end
+                counts.update(self.terms(low[starts[last] : b]))
+            counts.pop("", None)
+            out.append((sum(counts.values()), dict(counts)))
+        return out
 
 
 @cache

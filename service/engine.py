@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -196,6 +197,8 @@ class Engine:
         self.base_fusion: LearnedFusion | None = base_fusion(base.spec)  # a fine-tuned base's fitted alpha
         self.database: Database | None = None  # the shared store, when collections live in PostgreSQL
         self._stopping = threading.Event()
+        #: Upserts' lexical analysis, beside the window planning of the same documents (``_upsert``).
+        self._analysis = ThreadPoolExecutor(max_workers=2, thread_name_prefix="analysis")
         if isinstance(self.jobs.store, DatabaseJobStore):
             threading.Thread(target=self._take_over_jobs, args=(self.jobs.store,), name="jobs-take-over", daemon=True).start()
         registry.on_change = self._prepare_views
@@ -260,6 +263,7 @@ class Engine:
         self._stopping.set()
         self.registry.stop()
         self.jobs.shutdown()
+        self._analysis.shutdown(wait=False, cancel_futures=True)
         self.batcher.close()
         self.collections.close()
         if self.database is not None:
@@ -443,10 +447,13 @@ class Engine:
         step = self.settings.upsert_batch
         for start in range(start, len(documents), step):
             part = documents[start : start + step]
-            embedded = embed_documents(self.bulk_encoder, [d.text for d in part])
+            texts = [d.text for d in part]
+            # the lexical analysis runs while the tokenizer plans the windows (it lets go of the GIL meanwhile)
+            analysed = self._analysis.submit(collection.analyse, texts)
+            embedded = embed_documents(self.bulk_encoder, texts)
             collection.upsert([
-                collection.new_document(d.id, d.text, d.metadata, spans, vectors)
-                for d, (spans, vectors) in zip(part, embedded.per_document(), strict=True)
+                collection.new_document(d.id, d.text, d.metadata, spans, vectors, a)
+                for d, (spans, vectors), a in zip(part, embedded.per_document(), analysed.result(), strict=True)
             ])
             windows += len(embedded.spans)
             windowed += embedded.n_windowed

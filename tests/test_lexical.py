@@ -71,6 +71,36 @@ def test_bm25_equals_the_formula_computed_by_hand():
     assert analyzer("english").terms("The Riders are riding") == ["rider", "ride"]  # stop words out, stemmed
 
 
+# words, stop words, digits, underscores, punctuation, accents, dashes; then a capital sigma and a letter whose
+# lower case is longer, with which a text is analysed window by window instead
+_PIECES = list("ab cdXY_9 -.,'\n") + ["the", "Riders", "é", "ß", "—", "ride", "ΟΔΟς"]
+_TEXT = st.lists(st.sampled_from(_PIECES), max_size=40).map("".join)
+_ODD_TEXT = st.lists(st.sampled_from([*_PIECES, "ΟΔΟΣ", "İ"]), max_size=40).map("".join)
+_CUTS = st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(_TEXT, _ODD_TEXT), cuts=_CUTS)
+def test_window_counts_from_one_analysis_equal_each_window_analysed_alone(text, cuts):
+    """Upserts analyse a document once and count each window from it (windows overlap): exactly what analysing
+    each window's slice gives, windows cut inside a word included."""
+    english = analyzer("english")
+    spans = [(min(a, b, len(text)), min(max(a, b), len(text))) for a, b in cuts]
+    assert english.window_counts(text, spans) == [english.counts(text[a:b]) for a, b in spans]
+    assert (english.analyse(text) is None) == ("Σ" in text or "İ" in text)  # those alone are analysed window by window
+
+
+def test_window_counts_equal_each_window_analysed_alone_on_the_lyft_windows(lyft, minilm):
+    """The same on real documents and the windows the real model's tokenizer plans for them."""
+    from embedlift.models.windows import embed_documents
+
+    english = analyzer("english")
+    texts = list(lyft["corpus"].values())[:60]
+    for text, (spans, _) in zip(texts, embed_documents(minilm, texts).per_document(), strict=True):
+        assert len(spans) > 1 or len(text) < 2000
+        assert english.window_counts(text, spans) == [english.counts(text[a:b]) for a, b in spans]
+
+
 def test_bm25_equals_bm25s_lucene_on_the_lyft_corpus(lyft):
     """bm25s (method lucene, same k1 and b) over the same analysed terms scores every Lyft chunk alike."""
     import bm25s

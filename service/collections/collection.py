@@ -24,7 +24,7 @@ from embedlift.models.adapters import Adapter
 from embedlift.models.encoders import Encoder
 from embedlift.models.errors import InvalidInputError
 from embedlift.models.fusion import CANDIDATES, DEFAULT_ALPHA, Fusion, Mode, fuse
-from embedlift.models.lexical import Analyzer, analyzer
+from embedlift.models.lexical import AnalysedText, Analyzer, analyzer
 from embedlift.models.windows import Span, embed_documents
 from embedlift.service.collections.base import (
     MAX_WINDOWS,
@@ -70,9 +70,10 @@ class Found:
     note: str | None = None
 
 
-def window_terms(analyzer: Analyzer, text: str, spans: Sequence[Span]) -> list[WindowTerms]:
-    """Each window's analysed text (what the lexical index stores)."""
-    return [WindowTerms(*analyzer.counts(text[a:b])) for a, b in spans]
+def window_terms(analyzer: Analyzer, text: str, spans: Sequence[Span], analysed: AnalysedText | None = None) -> list[WindowTerms]:
+    """Each window's analysed text (what the lexical index stores), from one analysis of the whole text
+    (``analysed``, when it was made beforehand)."""
+    return [WindowTerms(*counts) for counts in analyzer.window_counts(text, spans, analysed)]
 
 
 class Collection:
@@ -162,9 +163,18 @@ class Collection:
             self.store.drop_views(keep)
 
     # writes ------------------------------------------------------------------------------------------
-    def new_document(self, doc_id: str, text: str, metadata: dict, spans: list[Span], vectors: np.ndarray) -> NewDocument:
+    def analyse(self, texts: Sequence[str]) -> list[AnalysedText | None]:
+        """The lexical analysis of documents' texts before their windows are known (``new_document`` takes it),
+        so that it can run while the model's tokenizer plans the windows; nothing without a lexical index."""
+        if self.analyzer is None:
+            return [None] * len(texts)
+        return [self.analyzer.analyse(t) for t in texts]
+
+    def new_document(
+        self, doc_id: str, text: str, metadata: dict, spans: list[Span], vectors: np.ndarray, analysed: AnalysedText | None = None
+    ) -> NewDocument:
         """A document ready to store: with its windows' terms when the collection has a lexical index."""
-        terms = window_terms(self.analyzer, text, spans) if self.analyzer is not None else None
+        terms = window_terms(self.analyzer, text, spans, analysed) if self.analyzer is not None else None
         return NewDocument(id=doc_id, text=text, metadata=metadata, spans=spans, vectors=vectors, terms=terms)
 
     def upsert(self, docs: Sequence[NewDocument]) -> None:
