@@ -381,3 +381,8 @@ def test_two_replicas_search_each_others_writes_at_once_in_every_index(encoder, 
         view_ids(ca)  # a replica that still has the adapter a moment longer
     hybrid = [cb.search(q, ["autonomous vehicles drivers"], SearchPlan(k=5, mode="hybrid"))[0].hits for _ in range(2)]
     assert [h.id for h in hybrid[0]] == [h.id for h in ca.search(q, ["autonomous vehicles drivers"], SearchPlan(k=5, mode="hybrid"))[0].hits]
+    again = cb.index_for("both@2", adapter)
+    again.build()
+    b.delete("docs")  # a deleted collection takes its views' tables with it
+    with ca.store.db.transaction() as conn:
+        assert conn.execute("SELECT count(*), to_regclass(%s) FROM embedlift.views", (again.table,)).fetchone() == (0, None)

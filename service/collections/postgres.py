@@ -152,11 +152,14 @@ class PostgresHome:
 
     def delete(self, name: str) -> None:
         with self.db.transaction() as conn:
+            views = conn.execute(
+                f"SELECT v.id FROM {SCHEMA}.views v JOIN {SCHEMA}.collections c ON c.id = v.collection_id WHERE c.name = %s", (name,)
+            ).fetchall()  # before the collection's row goes: its views' rows go with it
             row = conn.execute(f"DELETE FROM {SCHEMA}.collections WHERE name = %s RETURNING id", (name,)).fetchone()
             if row is None:
                 return
             t = _tables(row[0])
-            views = [f"{SCHEMA}.c{row[0]}_v{v}" for (v,) in conn.execute(f"SELECT id FROM {SCHEMA}.views WHERE collection_id = %s", (row[0],))]
+            views = [f"{SCHEMA}.c{row[0]}_v{v}" for (v,) in views]
             conn.execute(f"DROP TABLE IF EXISTS {', '.join([*views, t['postings'], t['windows'], t['docs'], t['postings_staged'], t['windows_staged']])}")
 
 
