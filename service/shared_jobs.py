@@ -2,12 +2,12 @@
 replica dies is finished by another.
 
 A job is a row of ``embedlift.jobs``: kind, status, progress, result (JSON) or error, the replica that runs it
-(``owner``) and when that replica last vouched for it (``heartbeat``, refreshed every ``HEARTBEAT`` seconds
-while it is queued or runs: its lease) and its input (``spec``). Once its lease has run out, another replica
-claims it (``FOR UPDATE SKIP LOCKED``, so exactly one does) and finishes it: a bulk upsert goes on from the
-documents already committed (re-upserting by id replaces, so nothing is duplicated); an evaluation (no side
-effects), a re-index (staging replaces what was staged; the swap is one transaction) and the build of an
-adapter's document view (it fills its table again) start again. A job
+(``owner``) and when that replica last vouched for it (``heartbeat``, refreshed every ``HEARTBEAT`` seconds, or a
+third of the lease when that is shorter, while it is queued or runs: its lease) and its input (``spec``). Once
+its lease has run out, another replica claims it (``FOR UPDATE SKIP LOCKED``, so exactly one does) and
+finishes it: a bulk upsert goes on from the documents already committed (re-upserting by id replaces, so
+nothing is duplicated); an evaluation (no side effects), a re-index (staging replaces what was staged; the swap
+is one transaction) and the build of an adapter's document view (it fills its table again) start again. A job
 without a ``spec`` whose lease ran out is reported failed, saying why.
 """
 
@@ -103,7 +103,8 @@ class DatabaseJobStore(JobStore):
             return int(conn.execute(f"SELECT count(*) FROM {SCHEMA}.jobs WHERE status = 'queued' AND owner = %s", (self.owner,)).fetchone()[0])
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
+        # a third of the lease at most: a live replica's queued jobs (they report no progress) are never claimed
+        while not self._stop.wait(min(HEARTBEAT, self.lease / 3)):
             with self._lock:
                 ids = list(self._running)
             if not ids:

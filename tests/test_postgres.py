@@ -338,6 +338,8 @@ def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_anoth
     import os
     import signal
 
+    import psycopg
+
     url = postgres.create_database(f"j_{uuid.uuid4().hex[:10]}")
     env = {"EMBEDLIFT_STORE": url, "EMBEDLIFT_JOB_LEASE": "2", "EMBEDLIFT_UPSERT_BATCH": "25"}
     old_proc, old = start_server(tmp_path / "o", tmp_path / "oa", "--base", "hashing:32", "--watch-interval", "0", env=env)
@@ -359,6 +361,10 @@ def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_anoth
         assert (bulk.status_code, evaluation.status_code, reindex.status_code) == (202, 202, 202)
         jobs = {kind: r.json()["job"]["id"] for kind, r in (("upsert", bulk), ("eval", evaluation), ("reindex", reindex))}
         wait_for(lambda: httpx.get(f"{b}/jobs/{jobs['upsert']}").json()["done"] > 0, timeout=30)
+        time.sleep(3)  # past the lease: a live replica's queued jobs stay its own (its heartbeat covers them)
+        with psycopg.connect(url) as conn:
+            owners = dict(conn.execute("SELECT id, owner FROM embedlift.jobs").fetchall())
+        assert owners[jobs["eval"]] == owners[jobs["reindex"]] == owners[jobs["upsert"]]
         os.kill(a_proc.pid, signal.SIGKILL)
         a_proc.wait()
         assert httpx.get(f"{b}/jobs/{jobs['eval']}").json()["status"] in ("queued", "running")  # not failed: it will be taken over
