@@ -332,8 +332,8 @@ def test_a_replica_killed_mid_upsert_loses_nothing_and_its_job_finishes_elsewher
 
 
 def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_another(postgres, tmp_path):
-    """A replica dies with an evaluation and a re-index queued behind a bulk upsert: once their lease runs out
-    another replica claims all three from the database and finishes them; the evaluation's result is the one
+    """A replica dies with an evaluation and a re-index queued behind bulk upserts: once their lease runs out
+    another replica claims them all from the database and finishes them; the evaluation's result is the one
     the survivor computes itself, and the re-indexed collection is served on the survivor's base."""
     import os
     import signal
@@ -341,7 +341,7 @@ def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_anoth
     import psycopg
 
     url = postgres.create_database(f"j_{uuid.uuid4().hex[:10]}")
-    env = {"EMBEDLIFT_STORE": url, "EMBEDLIFT_JOB_LEASE": "2", "EMBEDLIFT_UPSERT_BATCH": "25"}
+    env = {"EMBEDLIFT_STORE": url, "EMBEDLIFT_JOB_LEASE": "2", "EMBEDLIFT_UPSERT_BATCH": "10"}
     old_proc, old = start_server(tmp_path / "o", tmp_path / "oa", "--base", "hashing:32", "--watch-interval", "0", env=env)
     try:  # a collection built with another base: what a re-index is for
         assert httpx.put(f"{old}/collections/old", json={}).status_code == 201
@@ -355,16 +355,18 @@ def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_anoth
         dataset = {"queries": {f"q{i}": f"what about {corpus[f'd{i}']}" for i in range(0, 60, 3)},
                    "corpus": corpus, "relevant_docs": {f"q{i}": [f"d{i}"] for i in range(0, 60, 3)}}
         assert httpx.put(f"{a}/collections/c", json={}).status_code == 201
-        bulk = httpx.post(f"{a}/collections/c/documents", json={"documents": docs(6000, "bulk")}, timeout=60)
+        # two bulk upserts first (A runs its jobs one at a time), so that the others are still queued when A dies
+        bulks = [httpx.post(f"{a}/collections/c/documents", json={"documents": docs(10_000, f"bulk{i}-")}, timeout=60) for i in range(2)]
         evaluation = httpx.post(f"{a}/eval", json={"dataset": dataset, "background": True})
         reindex = httpx.post(f"{a}/collections/old/reindex")
-        assert (bulk.status_code, evaluation.status_code, reindex.status_code) == (202, 202, 202)
-        jobs = {kind: r.json()["job"]["id"] for kind, r in (("upsert", bulk), ("eval", evaluation), ("reindex", reindex))}
+        assert [r.status_code for r in (*bulks, evaluation, reindex)] == [202] * 4
+        jobs = {kind: r.json()["job"]["id"] for kind, r in (("upsert", bulks[0]), ("upsert2", bulks[1]), ("eval", evaluation), ("reindex", reindex))}
         wait_for(lambda: httpx.get(f"{b}/jobs/{jobs['upsert']}").json()["done"] > 0, timeout=30)
         time.sleep(3)  # past the lease: a live replica's queued jobs stay its own (its heartbeat covers them)
         with psycopg.connect(url) as conn:
             owners = dict(conn.execute("SELECT id, owner FROM embedlift.jobs").fetchall())
-        assert owners[jobs["eval"]] == owners[jobs["reindex"]] == owners[jobs["upsert"]]
+        assert len({owners[j] for j in jobs.values()}) == 1
+        assert httpx.get(f"{b}/jobs/{jobs['eval']}").json()["status"] == "queued"  # behind the bulk upserts
         os.kill(a_proc.pid, signal.SIGKILL)
         a_proc.wait()
         assert httpx.get(f"{b}/jobs/{jobs['eval']}").json()["status"] in ("queued", "running")  # not failed: it will be taken over
@@ -381,7 +383,7 @@ def test_an_evaluation_and_a_re_index_queued_on_a_killed_replica_finish_on_anoth
         assert (info["status"], info["documents"], info["base_fingerprint"]) == ("ready", 40, result["base"])
         hits = httpx.post(f"{b}/collections/old/search", json={"query": "driver pay", "k": 3}).json()["hits"]
         assert len(hits) == 3
-        assert httpx.get(f"{b}/collections/c").json()["documents"] == 6000
+        assert httpx.get(f"{b}/collections/c").json()["documents"] == 20_000
     finally:
         if a_proc.poll() is None:
             a_proc.kill()
