@@ -80,6 +80,11 @@ def _tables(cid: int) -> dict[str, str]:
     return {t: f"{SCHEMA}.c{cid}_{t}" for t in ("docs", "windows", "postings", "windows_staged", "postings_staged")}
 
 
+def _view_table(cid: int, view: int) -> str:
+    """The table of an ``apply_to: both`` adapter's view (``PostgresView``)."""
+    return f"{SCHEMA}.c{cid}_v{int(view)}"
+
+
 def _no_nul(doc: NewDocument) -> None:
     """PostgreSQL text and JSONB cannot hold U+0000: refuse it with the document's name (SQLite stores it)."""
     if "\x00" in doc.text or "\\u0000" in json.dumps(doc.metadata):
@@ -146,7 +151,7 @@ class PostgresHome:
                     CREATE INDEX ON {t['postings']} (key);
                 """)
                 if config.index == "hnsw":  # ``auto`` gets its index when it outgrows exact search (``upsert``)
-                    _create_hnsw(conn, cid, config)
+                    _create_hnsw(conn, t["windows"], config)
         except psycopg.errors.UniqueViolation:
             raise ConflictError(f"collection {config.name!r} was just created by another replica; GET it") from None
 
@@ -159,19 +164,26 @@ class PostgresHome:
             if row is None:
                 return
             t = _tables(row[0])
-            views = [f"{SCHEMA}.c{row[0]}_v{v}" for (v,) in views]
+            views = [_view_table(row[0], v) for (v,) in views]
             conn.execute(f"DROP TABLE IF EXISTS {', '.join([*views, t['postings'], t['windows'], t['docs'], t['postings_staged'], t['windows_staged']])}")
 
 
-def _has_hnsw(conn: Any, cid: int) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.c{cid}_hnsw",)).fetchone()[0]
+def _hnsw_of(table: str) -> str:
+    """The name of ``table``'s HNSW index: ``c<id>_hnsw`` for a collection's windows (as it has always been
+    named), ``c<id>_v<view>_hnsw`` for a view."""
+    return table.removesuffix("_windows") + "_hnsw"
 
 
-def _create_hnsw(conn: Any, cid: int, config: CollectionConfig) -> None:
-    """pgvector's HNSW index over the windows (built from what is there: much faster than row by row)."""
+def _has_hnsw(conn: Any, table: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_hnsw_of(table),)).fetchone()[0]
+
+
+def _create_hnsw(conn: Any, table: str, config: CollectionConfig) -> None:
+    """pgvector's HNSW index over ``table``'s vectors, a collection's windows or a view (built from what is
+    there: much faster than row by row)."""
     conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
     conn.execute(
-        f"CREATE INDEX c{cid}_hnsw ON {_tables(cid)['windows']} USING hnsw (embedding vector_ip_ops) "
+        f"CREATE INDEX {_hnsw_of(table).rpartition('.')[2]} ON {table} USING hnsw (embedding vector_ip_ops) "
         f"WITH (m = {int(config.hnsw_m)}, ef_construction = {int(config.ef_construction)})"
     )
 
@@ -334,11 +346,11 @@ class PostgresStore(CollectionStore):
                 "lexical_windows = lexical_windows + %s, lexical_length = lexical_length + %s WHERE id = %s RETURNING windows, config->>'index'",
                 (len(latest), sum(len(d.spans) for d in latest), lexical[0], lexical[1], self.cid),
             ).fetchone()
-            if windows[1] == "auto" and windows[0] >= AUTO_HNSW_WINDOWS and not _has_hnsw(conn, self.cid):
+            if windows[1] == "auto" and windows[0] >= AUTO_HNSW_WINDOWS and not _has_hnsw(conn, t["windows"]):
                 # past exact search's size: the index is built here, once, in this write's transaction (readers
                 # go on meanwhile; writers to this collection wait, as they wait for any write)
                 logger.info("collection %s: %d windows, building its HNSW index", self.name, windows[0])
-                _create_hnsw(conn, self.cid, self.read_config_in(conn))
+                _create_hnsw(conn, t["windows"], self.read_config_in(conn))
         return Changes(removed=removed, added=added, postings=None)
 
     def _copy_windows(self, conn: Any, table: str, per_doc: Sequence[tuple[int, Sequence[Span], np.ndarray, Sequence[WindowTerms] | None]]) -> None:
@@ -550,7 +562,7 @@ class PostgresStore(CollectionStore):
                 f"DELETE FROM {SCHEMA}.views WHERE collection_id = %s AND NOT label = ANY(%s) RETURNING id, label", (self.cid, sorted(keep))
             ).fetchall()
             for view, label in gone:
-                conn.execute(f"DROP TABLE IF EXISTS {SCHEMA}.c{self.cid}_v{int(view)}")
+                conn.execute(f"DROP TABLE IF EXISTS {_view_table(self.cid, view)}")
                 logger.info("collection %s: view of adapter %s dropped", self.name, label)
 
 
@@ -578,7 +590,7 @@ class PostgresIndex(CollectionIndex):
             return "flat"
         if not self._indexed:
             with self.store.db.transaction() as conn:
-                self._indexed = _has_hnsw(conn, self.store.cid)
+                self._indexed = _has_hnsw(conn, self.store.t["windows"])
         return "hnsw" if self._indexed else "flat"
 
     def dense(self, queries: np.ndarray, n: int, selection: Selection | None = None) -> list[Candidates]:
@@ -714,7 +726,7 @@ class PostgresView(CollectionIndex):
         with store.db.transaction() as conn:
             conn.execute(f"INSERT INTO {SCHEMA}.views (collection_id, label) VALUES (%s, %s) ON CONFLICT DO NOTHING", (store.cid, label))
             self.id = int(conn.execute(f"SELECT id FROM {SCHEMA}.views WHERE collection_id = %s AND label = %s", (store.cid, label)).fetchone()[0])
-        self.table = f"{SCHEMA}.c{store.cid}_v{self.id}"
+        self.table = _view_table(store.cid, self.id)
         self._ready = False
         self._kind = "flat"
 
@@ -736,8 +748,7 @@ class PostgresView(CollectionIndex):
         """``hnsw`` once the table has its index (built with it where the collection searches by HNSW)."""
         if self._kind != "hnsw":
             with self.store.db.transaction() as conn:
-                found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{self.table}_hnsw",)).fetchone()[0]
-            self._kind = "hnsw" if found else "flat"
+                self._kind = "hnsw" if _has_hnsw(conn, self.table) else "flat"
         return self._kind
 
     def claim_build(self, job_id: str) -> bool:
@@ -773,11 +784,7 @@ class PostgresView(CollectionIndex):
             if report is not None:
                 report(done, total)
         if PostgresIndex(self.store, self.config).kind == "hnsw":
-            conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
-            conn.execute(
-                f"CREATE INDEX c{self.store.cid}_v{self.id}_hnsw ON {self.table} USING hnsw (embedding vector_ip_ops) "
-                f"WITH (m = {int(self.config.hnsw_m)}, ef_construction = {int(self.config.ef_construction)})"
-            )
+            _create_hnsw(conn, self.table, self.config)
         return generation
 
     def _copy(self, conn: Any, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -820,7 +827,7 @@ class PostgresView(CollectionIndex):
     def apply(self, changes: Changes) -> None:
         """After a write through this replica: bring the view up to date now (a failure here leaves it to the
         next search, which catches up first)."""
-        if self._ready or not self.pending:
+        if not self.pending:
             try:
                 self.catch_up()
             except Exception as exc:  # noqa: BLE001 - the write has committed; the next search catches up
