@@ -1,16 +1,19 @@
 """The request path on the real model: each input tokenised once, its ids handed to the model, forward passes
 and queue batches sized by tokens, requests awaiting the queue on the event loop; and the OpenVINO runtime
-checked against torch fp32 (converted once, compiled from its cache on a second start)."""
+checked against torch fp32 (converted once, compiled from its cache on a second start, pooling on one torch thread);
+and the loaded engine kept out of the garbage collector's full passes while it serves."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 
 from embedlift.models import precision
@@ -18,6 +21,7 @@ from embedlift.models.encoders import LocalEncoder, default_model_path
 from embedlift.models.precision import MIN_COSINE, min_cosine
 from embedlift.models.tokens import pad, token_batches
 from embedlift.service.batching import BULK, INTERACTIVE, BatchQueue
+from tests.helpers import app_client
 
 QUESTIONS = ["How many riders did Lyft have?", "What are the risk factors?", "Who bought the self-driving unit?"]
 
@@ -139,3 +143,30 @@ def test_openvino_below_the_bound_falls_back_to_torch_fp32(tmp_path, monkeypatch
         encoder = LocalEncoder(runtime="openvino", precision="bf16", compiled_dir=tmp_path)
     assert (encoder.runtime, encoder.precision) == ("torch", "fp32") and "running in torch fp32" in caplog.text
     np.testing.assert_allclose(encoder.encode(QUESTIONS, "query"), minilm.encode(QUESTIONS, "query"), atol=1e-6)
+
+
+@needs_openvino
+def test_openvino_pools_on_one_torch_thread_and_gives_the_caller_its_threads_back(tmp_path, minilm):
+    # torch's OpenMP workers, woken for the pooling, would spin on the cores OpenVINO's next pass needs
+    encoder = LocalEncoder(runtime="openvino", precision="fp32", compiled_dir=tmp_path)
+    pooling = encoder._forward._rest[0]  # type: ignore[attr-defined]
+    seen: list[int] = []
+    forward = pooling.forward
+    pooling.forward = lambda features: (seen.append(torch.get_num_threads()), forward(features))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vectors = encoder.encode(QUESTIONS, "query")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert min_cosine(minilm.encode(QUESTIONS, "query"), vectors) >= MIN_COSINE
+
+
+def test_what_the_engine_loaded_is_frozen_while_it_serves_and_collectable_after(tmp_path):
+    # a full collection over the loaded model's objects stopped every thread for about 0.3 s under load
+    gc.unfreeze()
+    with app_client(tmp_path / "data", tmp_path / "adapters") as client:
+        assert client.post("/embed", json={"input": "How many riders?"}).status_code == 200
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0

@@ -18,7 +18,9 @@ from embedlift.models.errors import ForbiddenError, UnauthorizedError
 from embedlift.service.http.state import ServiceState
 
 
-def auth_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def auth_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """A coroutine, though it awaits nothing: Litestar runs a plain-function guard in a worker thread, a hop
+    that cost about 12% of the event loop's time per request under 32 clients (``benchmarks/serving.py``)."""
     scope = handler.opt.get("auth")
     settings = ServiceState.of(connection.app).settings
     if scope is None or (scope == "metrics" and settings.metrics_public):
