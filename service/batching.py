@@ -87,7 +87,7 @@ class BatchQueue:
     """
 
     def __init__(
-        self, encoder: Encoder, *, max_batch_inputs: int = 64, max_batch_tokens: int | None = None, max_queued_inputs: int = 4096
+        self, encoder: Encoder, *, max_batch_inputs: int = 256, max_batch_tokens: int | None = None, max_queued_inputs: int = 4096
     ) -> None:
         if max_batch_inputs < 1 or max_queued_inputs < max_batch_inputs:
             raise ValueError(f"need 1 <= max_batch_inputs <= max_queued_inputs, got {max_batch_inputs}, {max_queued_inputs}")

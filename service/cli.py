@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="Bearer key for read routes (prefer EMBEDLIFT_API_KEY: flags show in `ps`)")
     s.add_argument("--admin-key", help="Bearer key for mutating routes (prefer EMBEDLIFT_ADMIN_KEY)")
     s.add_argument("--max-concurrent", help="requests doing model work at once; more get 429 (default 256)")
-    s.add_argument("--max-batch-inputs", help="inputs per model call, from all waiting requests (default 64)")
+    s.add_argument("--max-batch-inputs", help="inputs per model call, from all waiting requests (default 256; the token budget usually binds first)")
     s.add_argument("--max-batch-tokens", help="tokens per model call, from all waiting requests (default: the base's --batch-tokens)")
     s.add_argument("--max-queued-inputs", help="inputs waiting for the model; more get 429 (default 2048)")
     s.add_argument("--cache-mb", help="in-memory cache of base vectors for requests, MB; 0 = off (default 256)")

@@ -54,7 +54,10 @@ class Settings:
         max_input_chars: Characters per input.
         max_body_bytes: Request body size (JSON routes).
         max_upload_bytes: Size of a checkpoint tar uploaded to ``POST /adapters``.
-        max_batch_inputs: Inputs the dynamic batcher hands the model per call, from all waiting requests.
+        max_batch_inputs: Inputs the dynamic batcher hands the model per call, from all waiting requests. Large
+            enough that the token budget binds first for short questions (256 of about 16 tokens fill 4096): the
+            inputs of one call are sorted by length together, so a wider call pads less (64 questions a request
+            from 4 clients measured 1.15x the queries/s of a cap of 64).
         max_batch_tokens: Tokens the dynamic batcher hands the model per call (default: the base's own
             forward-pass budget, ``--batch-tokens``), as TEI's ``max-batch-tokens``.
         max_queued_inputs: Inputs waiting for the model at most; a request beyond it gets 429 with Retry-After.
@@ -93,7 +96,7 @@ class Settings:
     max_input_chars: Positive = 65_536
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
     max_upload_bytes: Annotated[int, Meta(ge=1024)] = 1 << 30
-    max_batch_inputs: Positive = 64
+    max_batch_inputs: Positive = 256
     max_batch_tokens: Positive | None = None
     max_queued_inputs: Positive = 2048
     cache_mb: Annotated[int, Meta(ge=0)] = 256
