@@ -124,6 +124,21 @@ def ceiling(queries: list[str], passages: list[str]) -> dict:
 RUNTIME_ROWS = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"))
 
 
+def best_of_two(encoder: Any, queries: list[str], windows: list[str]) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Queries/s and passage windows/s of ``encoder.encode`` after a warm-up, the better of two rounds (the
+    machine is shared), and the vectors of the last round."""
+    encoder.encode(queries[:64], "query")
+    best_q = best_p = 0.0
+    for _ in range(2):
+        t = time.perf_counter()
+        qv = encoder.encode(queries, "query")
+        best_q = max(best_q, len(queries) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        pv = encoder.encode(windows, "document")
+        best_p = max(best_p, len(windows) / (time.perf_counter() - t))
+    return best_q, best_p, qv, pv
+
+
 def runtimes(queries: list[str], passages: list[str], tmp: Path) -> list[dict]:
     """In-process ``LocalEncoder.encode`` per runtime x precision (tokenising included, default token budget):
     256 queries, 64 full-window passage windows, and the minimum cosine of both to torch fp32's vectors."""
@@ -142,15 +157,7 @@ def runtimes(queries: list[str], passages: list[str], tmp: Path) -> list[dict]:
         encoder = LocalEncoder(runtime=runtime, precision=precision, compiled_dir=tmp / "openvino")
         load_s = time.perf_counter() - started
         windows = [p[a:b] for p in passages for a, b in encoder.split([p], "document")[0]][:64]
-        encoder.encode(qs[:64], "query")
-        best_q = best_p = 0.0
-        for _ in range(2):  # the better of two rounds: the machine is shared
-            t = time.perf_counter()
-            qv = encoder.encode(qs, "query")
-            best_q = max(best_q, len(qs) / (time.perf_counter() - t))
-            t = time.perf_counter()
-            pv = encoder.encode(windows, "document")
-            best_p = max(best_p, len(windows) / (time.perf_counter() - t))
+        best_q, best_p, qv, pv = best_of_two(encoder, qs, windows)
         if reference is None:
             reference = (qv, pv)
         row = {"runtime": runtime, "precision": encoder.precision, "asked": precision, "queries_per_s": best_q, "passages_per_s": best_p,
