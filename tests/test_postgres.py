@@ -417,7 +417,7 @@ def test_an_apply_to_both_adapters_view_is_a_table_built_by_one_job_and_dropped_
         search = {"query": "driver pay in region 2", "k": 5, "adapter": "both", "mode": "dense"}
         first = httpx.post(f"{b}/collections/c/search", json=search)
         if first.status_code == 503:  # still building: says so, and where to look
-            assert first.headers["Retry-After"] and "GET /jobs/" in first.json()["error"]["message"]
+            assert first.headers["Retry-After"] and "GET /jobs/" in first.json()["detail"]
         for u in (a, b):
             wait_for(lambda u=u: httpx.post(f"{u}/collections/c/search", json=search).status_code == 200, timeout=60)
         [(view, ready, job)] = rows("SELECT id, ready, job FROM embedlift.views")
