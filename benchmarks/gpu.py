@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import DATA, best_of_two, free_port, percentile, stop, wait_ready  # noqa: E402
+from serving import DATA, best_of_two, embedlift_server, percentile, stop  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -113,15 +111,11 @@ async def load(url: str, queries: list[str], clients: int, seconds: float) -> di
 
 
 def over_http(model: str, device: str, queries: list[str], tmp: Path, seconds: float) -> tuple[float, list[dict]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "embedlift.service.cli", "serve", "--port", str(port), "--base", model, "--device", device,
-           "--data-dir", str(tmp / "data"), "--adapters-dir", str(tmp / "adapters"), "--cache-mb", "0", "--watch-interval", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc, url, ready = embedlift_server(tmp, "--base", model, "--device", device)
     try:
-        ready = wait_ready(f"http://127.0.0.1:{port}/ready", proc)
         rows = []
         for clients in (1, 32):
-            rows.append(asyncio.run(load(f"http://127.0.0.1:{port}", queries, clients, seconds)))
+            rows.append(asyncio.run(load(url, queries, clients, seconds)))
             r = rows[-1]
             print(f"  {clients} clients: {r['rps']:.0f} requests/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, errors {r['errors']}", flush=True)
         return ready, rows

@@ -265,12 +265,18 @@ def run_loads(name: str, url: str, path: str, body, queries: list[str], passages
     return rows
 
 
-def embedlift_server(tmp: Path) -> tuple[subprocess.Popen, str, float]:
+def embedlift_server(tmp: Path, *flags: str) -> tuple[subprocess.Popen, str, float]:
+    """``embedlift serve`` with its defaults (the request cache off) and ``flags``, on a free loopback port, once
+    ``/ready``: the process, its address and the seconds it took (stopped again if it never gets ready)."""
     port = free_port()
     cmd = [sys.executable, "-m", "embedlift.service.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data"),
-           "--adapters-dir", str(tmp / "adapters"), "--cache-mb", "0", "--watch-interval", "0"]
+           "--adapters-dir", str(tmp / "adapters"), "--cache-mb", "0", "--watch-interval", "0", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "embedlift.log", "w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    ready = wait_ready(f"http://127.0.0.1:{port}/ready", proc)
+    try:
+        ready = wait_ready(f"http://127.0.0.1:{port}/ready", proc)
+    except BaseException:
+        stop(proc)
+        raise
     return proc, f"http://127.0.0.1:{port}", ready
 
 
