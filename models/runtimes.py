@@ -71,8 +71,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
     Around the pooling that follows an OpenVINO forward pass: torch's OpenMP workers, woken for a mean over a
     small batch, go on spinning after it, on the cores OpenVINO's threads need for the next pass. With one
-    torch thread there, OpenVINO bf16 measured 1.25-1.4x the queries/s at batches of 16 and 8 on 2 cores
-    (``benchmarks/serving.py``'s short questions); the pooling itself is a few microseconds either way.
+    torch thread there, OpenVINO bf16 measured about 1.4x the queries/s at batches of 8 and 1.15-1.25x at
+    batches of 16 on 2 cores (the benchmark's short questions); the pooling itself is a few microseconds.
     """
     import torch
 
