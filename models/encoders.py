@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from embedlift.models.errors import InvalidInputError
-from embedlift.models.precision import PROBE, Precision, checked, resolve_device, resolve_precision
+from embedlift.models.precision import PROBE, SPEEDUP, TIMING, Precision, checked, resolve_device, resolve_precision, timed_pair
 from embedlift.models.runtimes import OpenVINOForward, Runtime, TorchForward, resolve_runtime
 from embedlift.models.spec import DEFAULT_BASE, BaseSpec, canonical_model
 from embedlift.models.tokens import TokenMemo, pad, token_batches
@@ -294,42 +294,78 @@ class LocalEncoder(Encoder):
         self._pad_id = int(self.tokenizer.pad_token_id or 0)
         self._pad_left = getattr(self.tokenizer, "padding_side", "right") == "left"
         self.batch_tokens = batch_tokens or (DEFAULT_GPU_BATCH_TOKENS if self.device.startswith("cuda") else DEFAULT_CPU_BATCH_TOKENS)
-        self.runtime, self.precision, self.fidelity = self._choose_forward(runtime, wanted, compiled_dir)
+        # seconds per run of the timing set, where auto's lower precision was timed against fp32 (else empty)
+        self.precision_seconds: dict[str, float] = {}
+        timed = precision == "auto" and self.device == "cpu"
+        self.runtime, self.precision, self.fidelity = self._choose_forward(runtime, wanted, compiled_dir, timed)
 
-    def _choose_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> tuple[Runtime, Precision, float]:
+    def _choose_forward(
+        self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None, timed: bool
+    ) -> tuple[Runtime, Precision, float]:
         """The runtime ``runtime`` resolves to, checked; ``auto`` falls back to torch where OpenVINO cannot
         convert the model (an explicit ``--runtime openvino`` says why instead)."""
         chosen = resolve_runtime(runtime, self.device)
         if runtime != "auto" or chosen == "torch":
-            return self._checked_forward(chosen, precision, compiled_dir)
+            return self._checked_forward(chosen, precision, compiled_dir, timed)
         try:
-            return self._checked_forward(chosen, precision, compiled_dir)
+            return self._checked_forward(chosen, precision, compiled_dir, timed)
         except Exception as exc:  # OpenVINO's converter raises its own types for models it cannot convert
             logger.warning("%s: OpenVINO could not run the model (%s); running on torch", self.name, exc)
-            return self._checked_forward("torch", precision, compiled_dir)
+            return self._checked_forward("torch", precision, compiled_dir, timed)
 
-    def _checked_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> tuple[Runtime, Precision, float]:
+    def _checked_forward(
+        self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None, timed: bool
+    ) -> tuple[Runtime, Precision, float]:
         """``(runtime, precision, fidelity)`` this encoder runs in: the one asked for if its vectors of the probe
-        set stay within 0.9999 of torch fp32's (the fingerprint stays fp32's), else torch fp32 (logged)."""
+        set stay within 0.9999 of torch fp32's (the fingerprint stays fp32's), else torch fp32 (logged). Where
+        ``timed`` (``auto`` on a CPU), a lower precision must also run faster than fp32 on the same runtime,
+        else that runtime's fp32 is run."""
         reference = TorchForward(self.model, self.device, "fp32")
         self._forward: Callable[[np.ndarray, np.ndarray], np.ndarray] = reference
         if runtime == "torch" and precision == "fp32":
             return "torch", "fp32", 1.0
-        if runtime == "openvino":
-            if self.device != "cpu":
-                raise InvalidInputError(f"--runtime openvino runs on the CPU, not on {self.device}; use --runtime torch there")
-            cache = Path(compiled_dir) if compiled_dir is not None else default_compiled_dir()
-            candidate: Callable[[np.ndarray, np.ndarray], np.ndarray] = OpenVINOForward(
-                self.model, precision, cache, self.fingerprint, self.threads or available_cores()
-            )
-        else:
-            candidate = TorchForward(self.model, self.device, precision)
+        candidate = self._runtime_forward(runtime, precision, compiled_dir)
         probe = self._input_ids(PROBE, "document", keep=False)
-        kept, fidelity = checked(lambda _: self._run(reference, probe), lambda _: self._run(candidate, probe), f"{runtime} {precision}", self.name)
+        expected = self._run(reference, probe)
+        kept, fidelity = checked(lambda _: expected, lambda _: self._run(candidate, probe), f"{runtime} {precision}", self.name)
         if not kept:
             return "torch", "fp32", fidelity
+        if timed and precision != "fp32":
+            exact = reference if runtime == "torch" else self._runtime_forward(runtime, "fp32", compiled_dir)
+            if not self._runs_faster(candidate, exact, runtime, precision):
+                if exact is reference:
+                    return "torch", "fp32", 1.0
+                kept, fidelity = checked(lambda _: expected, lambda _: self._run(exact, probe), f"{runtime} fp32", self.name)
+                if not kept:
+                    return "torch", "fp32", fidelity
+                candidate, precision = exact, "fp32"
         self._forward = candidate
         return runtime, precision, fidelity
+
+    def _runtime_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """The forward pass of ``runtime`` in ``precision`` (OpenVINO: converted and compiled, or from its cache)."""
+        if runtime != "openvino":
+            return TorchForward(self.model, self.device, precision)
+        if self.device != "cpu":
+            raise InvalidInputError(f"--runtime openvino runs on the CPU, not on {self.device}; use --runtime torch there")
+        cache = Path(compiled_dir) if compiled_dir is not None else default_compiled_dir()
+        return OpenVINOForward(self.model, precision, cache, self.fingerprint, self.threads or available_cores())
+
+    def _runs_faster(
+        self, candidate: Callable[[np.ndarray, np.ndarray], np.ndarray], exact: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        runtime: Runtime, precision: Precision,
+    ) -> bool:
+        """Whether ``candidate`` (``precision``) runs the timing set at least ``SPEEDUP`` times as fast as ``exact``
+        (fp32 on the same runtime); both timings are kept in ``precision_seconds`` and logged."""
+        ids = self._input_ids(TIMING, "query", keep=False)
+        fast, slow = timed_pair(lambda: self._run(candidate, ids), lambda: self._run(exact, ids))
+        self.precision_seconds = {precision: fast, "fp32": slow}
+        faster = slow >= fast * SPEEDUP
+        logger.info(
+            "%s on %s: %s ran %d short questions in %.1f ms, fp32 in %.1f ms; running %s", self.name, runtime, precision,
+            len(ids), fast * 1e3, slow * 1e3, precision if faster else f"fp32 ({precision} is not {SPEEDUP}x faster on this CPU)",
+        )
+        return faster
 
     def prompt(self, role: Role) -> str:
         return self._prompts[role]

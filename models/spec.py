@@ -79,9 +79,10 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         dimensions: Shorter vectors asked of a remote base (``text-embedding-3-*``).
         tokenizer: A local Hugging Face tokenizer that cuts a remote base's windows.
         device: ``auto`` (a CUDA device when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 on CPUs with AMX or AVX-512 BF16 and on CUDA devices that support it, fp16 on
-            other CUDA devices, else fp32), ``fp32``, ``bf16`` or ``fp16``; lossless by a check at load, so it
-            never changes the fingerprint (``models/precision.py``).
+        precision: ``auto`` (bf16 on CPUs with AMX or AVX-512 BF16 where it also runs faster than fp32 when
+            the base loads, and on CUDA devices that support it, fp16 on other CUDA devices, else fp32), ``fp32``,
+            ``bf16`` or ``fp16``; lossless by a check at load, so it never changes the fingerprint
+            (``models/precision.py``).
         runtime: ``auto`` (OpenVINO on a CPU where the ``openvino`` extra is installed, else torch), ``torch`` or
             ``openvino`` (the transformer compiled for the CPU; ``models/runtimes.py``).
         threads: torch intra-op threads (default: the cores this process may use).

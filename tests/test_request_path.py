@@ -16,9 +16,9 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embedlift.models import precision
+from embedlift.models import encoders, precision
 from embedlift.models.encoders import LocalEncoder, default_model_path
-from embedlift.models.precision import MIN_COSINE, min_cosine
+from embedlift.models.precision import MIN_COSINE, PROBE, cpu_has_fast_bf16, min_cosine
 from embedlift.models.tokens import pad, token_batches
 from embedlift.service.batching import BULK, INTERACTIVE, BatchQueue
 from tests.helpers import app_client
@@ -143,6 +143,18 @@ def test_openvino_below_the_bound_falls_back_to_torch_fp32(tmp_path, monkeypatch
         encoder = LocalEncoder(runtime="openvino", precision="bf16", compiled_dir=tmp_path)
     assert (encoder.runtime, encoder.precision) == ("torch", "fp32") and "running in torch fp32" in caplog.text
     np.testing.assert_allclose(encoder.encode(QUESTIONS, "query"), minilm.encode(QUESTIONS, "query"), atol=1e-6)
+
+
+@needs_openvino
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="needs a CPU with bf16 instructions")
+def test_openvino_auto_runs_its_own_fp32_where_bf16_is_not_faster(tmp_path, monkeypatch, minilm):
+    """Where auto's bf16 loses the timing against fp32 on OpenVINO, OpenVINO's fp32 (checked against torch fp32 on
+    the probe set) is run, not torch's."""
+    monkeypatch.setattr(encoders, "SPEEDUP", 1e9)
+    encoder = LocalEncoder(runtime="openvino", precision="auto", compiled_dir=tmp_path)
+    assert (encoder.runtime, encoder.precision) == ("openvino", "fp32") and set(encoder.precision_seconds) == {"bf16", "fp32"}
+    assert encoder.fidelity >= MIN_COSINE and encoder.fingerprint == minilm.fingerprint
+    assert min_cosine(minilm.encode(PROBE, "document"), encoder.encode(PROBE, "document")) >= MIN_COSINE
 
 
 @needs_openvino
