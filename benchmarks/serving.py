@@ -611,6 +611,7 @@ def main() -> int:
     p.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
                    help="postgres adds section 7: the stores side by side on a PostgreSQL started for the run (benchmarks/stores.py)")
     p.add_argument("--store-sizes", default="10000,100000", help="collection sizes in windows for section 7")
+    p.add_argument("--out", type=Path, default=RESULTS / "serving.md", help="where the tables go (default benchmarks/results/serving.md)")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if shutil.which("wrk") is None and "http" not in skip:
@@ -629,10 +630,14 @@ def main() -> int:
     http: list[dict] = []
     ready: dict[str, float] = {}
     ingest: dict | None = None
+    served = ""
     if "http" not in skip:
         print("2. embedlift over HTTP", flush=True)
         proc, url, ready["embedlift"] = embedlift_server(tmp)
         try:
+            with urllib.request.urlopen(f"{url}/tei/info") as r:
+                served = json.loads(r.read())["model_dtype"]
+            print(f"  the server's base runs in {served} (its --precision auto on this CPU)", flush=True)
             http += run_loads("embedlift", url, "/embed",
                               lambda g, kind: {"input": g, "input_type": "query" if kind == "query" else "document", "truncate": True},
                               queries, passages, tmp, args.duration)
@@ -670,10 +675,12 @@ def main() -> int:
         stores = store_bench.run(queries, passages, tmp, [int(s) for s in args.store_sizes.split(",")], args.duration)
     text = (report(c, http, engine, search, ready, hybrid, runtime_rows, ingest) if engine
             else json.dumps({"ceiling": c, "runtimes": runtime_rows, "http": http, "search": search, "hybrid": hybrid}, default=float))
+    if served:
+        text += f"\nembedlift's server ran its base in {served} (`--precision auto` on this CPU).\n"
     if stores is not None:
         text += store_bench.report(stores)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.md").write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
     print("\n" + text)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
