@@ -601,6 +601,19 @@ def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: d
     return "\n".join(lines) + "\n"
 
 
+def served_as(url: str) -> str:
+    """What the server's ``--runtime auto --precision auto`` chose on this CPU, and the timings it chose by
+    (its ``/metrics``: ``embedlift_base_info`` and ``embedlift_base_load_timing_seconds``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    info = families["embedlift_base_info"].samples[0].labels
+    timed = families.get("embedlift_base_load_timing_seconds")
+    timings = ", ".join(f"{s.labels['candidate']} {s.value * 1e3:.1f} ms" for s in timed.samples) if timed else "nothing timed"
+    return f"on {info['runtime']} in {info['precision']} (`--runtime auto --precision auto`; at load, 36 short questions: {timings})"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=10, help="seconds per load point (default 10)")
@@ -635,9 +648,8 @@ def main() -> int:
         print("2. embedlift over HTTP", flush=True)
         proc, url, ready["embedlift"] = embedlift_server(tmp)
         try:
-            with urllib.request.urlopen(f"{url}/tei/info") as r:
-                served = json.loads(r.read())["model_dtype"]
-            print(f"  the server's base runs in {served} (its --precision auto on this CPU)", flush=True)
+            served = served_as(url)
+            print(f"  the server's base runs {served}", flush=True)
             http += run_loads("embedlift", url, "/embed",
                               lambda g, kind: {"input": g, "input_type": "query" if kind == "query" else "document", "truncate": True},
                               queries, passages, tmp, args.duration)
@@ -676,7 +688,7 @@ def main() -> int:
     text = (report(c, http, engine, search, ready, hybrid, runtime_rows, ingest) if engine
             else json.dumps({"ceiling": c, "runtimes": runtime_rows, "http": http, "search": search, "hybrid": hybrid}, default=float))
     if served:
-        text += f"\nembedlift's server ran its base in {served} (`--precision auto` on this CPU).\n"
+        text += f"\nembedlift's server ran its base {served}.\n"
     if stores is not None:
         text += store_bench.report(stores)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@
   one is refused with what torch reports.
 - ``resolve_precision``: ``auto`` is bf16 on a CPU with AMX or AVX-512 BF16 (where torch's bf16 kernels are
   fast) and on CUDA devices that support it, fp16 on other CUDA devices, fp32 otherwise.
-- ``timed_pair``: on a CPU, ``auto``'s bf16 is kept only if it also *runs* faster than fp32 on ``TIMING`` when the
-  base loads (by ``SPEEDUP``). The CPU flags are not enough: on a Xeon whose AMX is not exposed (a VM) bf16 ran
-  25-30% slower than fp32 through both torch and OpenVINO, while an AMD EPYC with the same AVX-512 BF16 flag ran it
-  1.7x faster. An explicit ``--precision bf16`` is run as asked.
+- ``timed``: on a CPU, what ``auto`` leaves open is timed on ``TIMING`` when the base loads: ``--precision auto``'s
+  bf16 is kept only if it also *runs* faster than fp32 (by ``SPEEDUP``), and ``--runtime auto`` takes OpenVINO
+  only if it runs faster than torch. The CPU flags are not enough: on a Xeon whose AMX is not exposed (a VM) bf16
+  ran 25-30% slower than fp32 through both torch and OpenVINO, while an AMD EPYC with the same AVX-512 BF16 flag ran
+  it 1.7x faster; OpenVINO fp32 ran 2.1x torch fp32 on that EPYC and 0.7-1.0x on that Xeon. An explicit
+  ``--precision`` or ``--runtime`` is run as asked.
 - ``PROBE``: a fixed set of texts (short queries and passages that fill the model's window) embedded in fp32 and
   in the chosen precision when a base loads; below ``MIN_COSINE`` the base falls back to fp32 and logs both
   numbers. A precision that passes is *lossless* for embedlift: it keeps the float32 fingerprint, so caches,
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
 MIN_COSINE = 0.9999
-SPEEDUP = 1.05  # auto keeps a lower precision on a CPU only if it runs TIMING at least this much faster than fp32
+SPEEDUP = 1.05  # on a CPU, auto leaves torch fp32 (then fp32) only for what runs TIMING at least this much faster
 
 _PASSAGE = (
     "The company's revenue depends on the number of riders and drivers using its platform, the frequency of "
@@ -111,20 +113,19 @@ def autocast(device: str, precision: str) -> Iterator[None]:
         yield
 
 
-def timed_pair(first: Callable[[], object], second: Callable[[], object], repeats: int = 3) -> tuple[float, float]:
-    """The fastest of ``repeats`` runs of each, in seconds, the two taking turns (so a burst of load from
-    elsewhere on the machine falls on both), after one warm-up run of each (a runtime's first call of a shape
-    plans it)."""
-    first(), second()
-    a = b = float("inf")
+def timed(runs: Sequence[Callable[[], object]], repeats: int = 3) -> list[float]:
+    """The fastest of ``repeats`` timed calls of each run, in seconds. The runs take turns, so a burst of load
+    from elsewhere on the machine falls on all of them; each timed call follows an untimed one of the same run,
+    which plans its shapes the first time and, later, lets the threads of the run before it (torch's OpenMP
+    workers, OpenVINO's) go idle before the clock starts: in a server only one of them runs."""
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        started = time.perf_counter()
-        first()
-        a = min(a, time.perf_counter() - started)
-        started = time.perf_counter()
-        second()
-        b = min(b, time.perf_counter() - started)
-    return a, b
+        for i, run in enumerate(runs):
+            run()
+            started = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - started)
+    return best
 
 
 def min_cosine(reference: np.ndarray, other: np.ndarray) -> float:

@@ -1,7 +1,8 @@
 """How a local base's forward pass runs: token ids in, L2-normalised float32 sentence vectors out.
 
-``auto`` (the default) is OpenVINO on a CPU where it is installed, else torch; either is checked against torch
-fp32 at load (``models/precision.py``), and ``auto`` falls back to torch if the conversion fails.
+``auto`` (the default) times torch and OpenVINO at load on a CPU where OpenVINO is installed and runs the faster
+(else torch); what runs is checked against torch fp32 at load (``models/precision.py``), and ``auto`` drops
+OpenVINO if the conversion fails.
 
 - ``TorchForward``: the sentence-transformers modules in torch, in fp32 or under ``torch.autocast`` (bf16,
   fp16). In fp32 it is the reference every other runtime and precision is checked against.
@@ -39,14 +40,15 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve_runtime(runtime: str, device: str) -> Runtime:
-    """``auto`` is OpenVINO on a CPU where the ``openvino`` extra is installed (measured 1.1-1.5x torch's
-    throughput in the same precision and half its single-query latency, ``benchmarks/serving.py``), else torch."""
+def runtime_candidates(runtime: str, device: str) -> tuple[Runtime, ...]:
+    """The runtimes ``runtime`` leaves open on ``device``, in order of preference: ``auto`` is torch and OpenVINO on
+    a CPU where the ``openvino`` extra is installed (the encoder times both at load: OpenVINO fp32 ran 2.1x torch
+    fp32 on one 2-core CPU and 0.7-1.0x on another, ``benchmarks/serving.py``), else torch."""
     if runtime not in RUNTIMES:
         raise InvalidInputError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
     if runtime != "auto":
-        return runtime
-    return "openvino" if device == "cpu" and openvino_installed() else "torch"
+        return (runtime,)
+    return ("torch", "openvino") if device == "cpu" and openvino_installed() else ("torch",)
 
 
 def _features(model: Any, input_ids: np.ndarray, mask: np.ndarray) -> dict[str, Any]:

@@ -83,8 +83,9 @@ class BaseSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             the base loads, and on CUDA devices that support it, fp16 on other CUDA devices, else fp32), ``fp32``,
             ``bf16`` or ``fp16``; lossless by a check at load, so it never changes the fingerprint
             (``models/precision.py``).
-        runtime: ``auto`` (OpenVINO on a CPU where the ``openvino`` extra is installed, else torch), ``torch`` or
-            ``openvino`` (the transformer compiled for the CPU; ``models/runtimes.py``).
+        runtime: ``auto`` (on a CPU where the ``openvino`` extra is installed, torch and OpenVINO timed when the
+            base loads and the faster run; else torch), ``torch`` or ``openvino`` (the transformer compiled for the
+            CPU; ``models/runtimes.py``).
         threads: torch intra-op threads (default: the cores this process may use).
         batch_size: Inputs per forward pass at most.
         batch_tokens: Padded tokens per forward pass at most (default 4096 on a CPU, 32768 on a GPU).

@@ -73,7 +73,8 @@ def add_base_options(p: argparse.ArgumentParser) -> None:
                    "fp16 on older CUDA; else fp32), "
                    "fp32, bf16, fp16; checked against fp32 at load (cosine >= 0.9999) or it falls back to fp32")
     g.add_argument("--threads", help="torch threads (default: the cores this process may use)")
-    g.add_argument("--runtime", help="auto (default: openvino on a CPU where it is installed, else torch), torch, or openvino "
+    g.add_argument("--runtime", help="auto (default: on a CPU where openvino is installed, torch and openvino timed at load and the faster run; "
+                   "else torch), torch, or openvino "
                    "(pip install 'embedlift[openvino]'; the transformer compiled for the CPU, checked against torch fp32 at load)")
     g.add_argument("--batch-size", help="inputs per forward pass at most (default 32)")
     g.add_argument("--batch-tokens", help="padded tokens per forward pass at most (default 4096 on a CPU, 32768 on a GPU)")

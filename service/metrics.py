@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from embedlift.models.errors import UnavailableError
 
 if TYPE_CHECKING:
+    from embedlift.models.encoders import Encoder
     from embedlift.service.engine import Engine
 
 EMBED_INPUTS = Histogram(
@@ -35,12 +36,14 @@ _engine: weakref.ReferenceType[Engine] | None = None
 
 
 class EngineCollector(Collector):
-    """Cache hits and misses (request path), queued inputs, the active adapter's version, documents per collection."""
+    """The base as it runs, cache hits and misses (request path), queued inputs, the active adapter's version,
+    documents per collection."""
 
     def collect(self) -> Iterator:
         engine = _engine() if _engine is not None else None
         if engine is None:
             return
+        yield from base_metrics(engine.base)
         stats = engine.encoder.stats
         lookups = CounterMetricFamily("embedlift_cache_lookups", "Base-embedding cache lookups", labels=["result"])
         lookups.add_metric(["hit"], stats.cached)
@@ -60,6 +63,27 @@ class EngineCollector(Collector):
             except UnavailableError:  # the store is down: /ready says so; the rest of the metrics still answer
                 continue
         yield docs
+
+
+def base_metrics(base: Encoder) -> Iterator[GaugeMetricFamily]:
+    """What the base runs on, as an info gauge (replicas on different hardware may choose differently, with the
+    same fingerprint), and the seconds each runtime x precision ``auto`` timed at load took on its timing set."""
+    described = base.describe()
+    info = GaugeMetricFamily(
+        "embedlift_base_info", "The base model and how it runs (value 1)", labels=["model", "fingerprint", "device", "runtime", "precision"],
+    )
+    fields = [str(described.get(k) or "") for k in ("device", "runtime", "precision")]
+    info.add_metric([base.name, base.fingerprint, *fields], 1)
+    yield info
+    timings = getattr(base, "timings", {})
+    if timings:
+        timed = GaugeMetricFamily(
+            "embedlift_base_load_timing_seconds", "Seconds each candidate auto timed at load took on its timing set (the fastest of three turns)",
+            labels=["candidate"],
+        )
+        for name, seconds in timings.items():
+            timed.add_metric([name], seconds)
+        yield timed
 
 
 REGISTRY.register(EngineCollector())

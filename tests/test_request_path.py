@@ -21,6 +21,7 @@ from embedlift.models.encoders import LocalEncoder, default_model_path
 from embedlift.models.precision import MIN_COSINE, PROBE, cpu_has_fast_bf16, min_cosine
 from embedlift.models.tokens import pad, token_batches
 from embedlift.service.batching import BULK, INTERACTIVE, BatchQueue
+from embedlift.service.metrics import base_metrics
 from tests.helpers import app_client
 
 QUESTIONS = ["How many riders did Lyft have?", "What are the risk factors?", "Who bought the self-driving unit?"]
@@ -130,8 +131,6 @@ def test_openvino_runs_within_the_bound_and_starts_from_its_cache(tmp_path, mini
         windows = [t[a:b] for t in texts for a, b in encoder.split([t], "document")[0]]
         assert min_cosine(minilm.encode(windows, "document"), encoder.encode(windows, "document")) >= MIN_COSINE
     assert again.precision == "bf16" and again.spec.runtime == "openvino" and again.describe()["precision_fidelity"] >= MIN_COSINE
-    default = LocalEncoder(compiled_dir=tmp_path)  # runtime auto: OpenVINO on a CPU where it is installed
-    assert default.runtime == "openvino" and default.fingerprint == minilm.fingerprint
 
 
 @needs_openvino
@@ -152,9 +151,53 @@ def test_openvino_auto_runs_its_own_fp32_where_bf16_is_not_faster(tmp_path, monk
     the probe set) is run, not torch's."""
     monkeypatch.setattr(encoders, "SPEEDUP", 1e9)
     encoder = LocalEncoder(runtime="openvino", precision="auto", compiled_dir=tmp_path)
-    assert (encoder.runtime, encoder.precision) == ("openvino", "fp32") and set(encoder.precision_seconds) == {"bf16", "fp32"}
+    assert (encoder.runtime, encoder.precision) == ("openvino", "fp32") and list(encoder.timings) == ["openvino fp32", "openvino bf16"]
     assert encoder.fidelity >= MIN_COSINE and encoder.fingerprint == minilm.fingerprint
     assert min_cosine(minilm.encode(PROBE, "document"), encoder.encode(PROBE, "document")) >= MIN_COSINE
+
+
+@needs_openvino
+def test_runtime_auto_runs_openvino_only_where_it_times_faster_than_torch(tmp_path, monkeypatch, caplog, minilm):
+    """``--runtime auto`` on a CPU times torch against OpenVINO at load, in the precision asked for: forced by the
+    margin OpenVINO must beat, an unreachable one leaves torch (its vectors exactly torch's), none takes OpenVINO
+    (checked on the probe set); the log names both times and the choice, and an explicit runtime is never timed."""
+    monkeypatch.setattr(encoders, "SPEEDUP", 1e9)
+    with caplog.at_level(logging.INFO, logger="embedlift.models.encoders"):
+        kept = LocalEncoder(runtime="auto", precision="fp32", compiled_dir=tmp_path)
+    assert (kept.runtime, kept.precision, kept.fidelity) == ("torch", "fp32", 1.0)
+    assert list(kept.timings) == ["torch fp32", "openvino fp32"] and all(0 < v < 60 for v in kept.timings.values())
+    assert "short questions ran in torch fp32" in caplog.text and "running torch fp32" in caplog.text
+    np.testing.assert_allclose(kept.encode(QUESTIONS, "query"), minilm.encode(QUESTIONS, "query"), atol=1e-6)
+    metrics = {m.name: m for m in base_metrics(kept)}
+    info = metrics["embedlift_base_info"].samples[0].labels
+    assert (info["runtime"], info["precision"], info["fingerprint"]) == ("torch", "fp32", minilm.fingerprint)
+    assert {s.labels["candidate"]: s.value for s in metrics["embedlift_base_load_timing_seconds"].samples} == kept.timings
+    monkeypatch.setattr(encoders, "SPEEDUP", 0.0)
+    faster = LocalEncoder(runtime="auto", precision="fp32", compiled_dir=tmp_path)
+    assert (faster.runtime, faster.spec.runtime) == ("openvino", "openvino") and faster.fidelity >= MIN_COSINE
+    assert faster.fingerprint == minilm.fingerprint
+    assert min_cosine(minilm.encode(PROBE, "document"), faster.encode(PROBE, "document")) >= MIN_COSINE
+    asked = LocalEncoder(runtime="openvino", precision="fp32", compiled_dir=tmp_path)
+    assert asked.runtime == "openvino" and asked.timings == {}
+
+
+@needs_openvino
+def test_runtime_auto_drops_openvino_where_it_cannot_convert_the_model(tmp_path, monkeypatch, caplog, minilm):
+    """A model OpenVINO cannot convert (here its converter raising, as it does for unsupported operations) runs on
+    torch under ``--runtime auto``, with a warning that says why; ``--runtime openvino`` is refused instead."""
+    import openvino
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Cannot convert operation aten::unsupported")
+
+    monkeypatch.setattr(openvino, "convert_model", unsupported)
+    with caplog.at_level(logging.WARNING):
+        encoder = LocalEncoder(runtime="auto", precision="fp32", compiled_dir=tmp_path)
+    assert (encoder.runtime, encoder.precision) == ("torch", "fp32") and encoder.timings == {}
+    assert "OpenVINO could not run the model in fp32" in caplog.text and "aten::unsupported" in caplog.text
+    np.testing.assert_allclose(encoder.encode(QUESTIONS, "query"), minilm.encode(QUESTIONS, "query"), atol=1e-6)
+    with pytest.raises(RuntimeError, match="aten::unsupported"):
+        LocalEncoder(runtime="openvino", precision="fp32", compiled_dir=tmp_path)
 
 
 @needs_openvino

@@ -476,6 +476,8 @@ def test_hot_swap_under_load(server, minilm, adapters_dir):
 def test_metrics(server):
     text = httpx.get(f"{server}/metrics").text  # public by default
     assert "embedlift_cache_hit_ratio" in text
+    info = next(line for line in text.splitlines() if line.startswith("embedlift_base_info{"))
+    assert 'device="cpu"' in info and 'runtime="torch"' in info and 'precision="fp32"' in info and info.endswith(" 1.0")
     assert 'embedlift_active_adapter_version{adapter="q-linear"}' in text
     assert "embedlift_request_inputs_bucket" in text and "embedlift_requests_total" in text
 

@@ -15,7 +15,7 @@ import asyncio
 from typing import Annotated, Any
 
 from litestar import Controller, get, post
-from litestar.params import JSONBody, Parameter
+from litestar.params import JSONBody, QueryParameter
 
 from embedlift.models.encoders import Role
 from embedlift.models.errors import InvalidInputError
@@ -32,7 +32,7 @@ def role_of(prompt_name: str | None, default: Role) -> Role:
     return "query" if prompt_name == "query" else "document"
 
 
-AdapterQuery = Annotated[str | None, Parameter(query="adapter", description="adapter (default: the active one; `base`: none)")]
+AdapterQuery = Annotated[str | None, QueryParameter(name="adapter", description="adapter (default: the active one; `base`: none)")]
 
 
 def texts_of(inputs: str | list[str]) -> list[str]:
