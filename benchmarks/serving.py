@@ -9,8 +9,9 @@ their first 12 words, passages the Lyft chunks):
 2. ``embedlift serve`` over HTTP under ``wrk`` (C, one thread, keep-alive connections = concurrent clients):
    one query per request at 1, 8, 32 and 64 clients, 64 queries per request, and passages. The server runs
    with its request cache off, so every input runs the model.
-3. The same loads against infinity (``infinity_emb v2``, the same local model, CPU, its torch engine in its
-   ``bfloat16`` dtype; its ONNX engine, ``infinity-emb[optimum]``, resolves in its venv but is not measured
+3. The same loads against infinity (``infinity_emb v2``, the same local model, CPU, its torch engine in
+   ``--dtype bfloat16`` where torch's bf16 ran faster than its fp32 in section 1b, else ``float32``: its best on
+   the CPU at hand, ``infinity_dtype``; its ONNX engine, ``infinity-emb[optimum]``, resolves in its venv but is not measured
    here), started from its own virtual environment (``INFINITY``: its ``infinity_emb`` script).
 4. In the engine, without HTTP: adapter overhead (base, linear, mlp), cache hit vs miss, hot-swap time.
 5. FAISS search time per query (query encoding excluded) at 10k, 100k and 1M vectors, exact and HNSW, with
@@ -313,12 +314,24 @@ def ingestion(url: str, passages: list[str]) -> dict:
     return {"http": http_rate, "in_process": in_process, "windows": len(windows.spans), "documents": len(passages)}
 
 
-def infinity_server(script: str, tmp: Path) -> tuple[subprocess.Popen, str, float]:
+def infinity_dtype(runtime_rows: list[dict]) -> str:
+    """infinity's fastest torch dtype on this CPU: ``bfloat16`` where torch's bf16 ran faster than its fp32 in
+    process (section 1b; where it was skipped, where the CPU has bf16 instructions), else ``float32`` (on a CPU
+    without them torch's bf16 is emulated, several times slower)."""
+    rate = {r["asked"]: r["queries_per_s"] for r in runtime_rows if r["runtime"] == "torch"}
+    if "bf16" in rate and "fp32" in rate:
+        return "bfloat16" if rate["bf16"] > rate["fp32"] else "float32"
+    from embedlift.models.precision import cpu_has_fast_bf16
+
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def infinity_server(script: str, tmp: Path, dtype: str) -> tuple[subprocess.Popen, str, float]:
     from embedlift.models.encoders import default_model_path
 
     port = free_port()
     cmd = [script, "v2", "--model-id", str(default_model_path()), "--served-model-name", "minilm", "--port", str(port),
-           "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--dtype", "bfloat16", "--batch-size", "32", "--log-level", "warning",
+           "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--dtype", dtype, "--batch-size", "32", "--log-level", "warning",
            "--no-bettertransformer"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "infinity.log", "w"), env=env)
@@ -559,7 +572,8 @@ def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: d
         lines += ["| runtime | precision | queries/s | vs ceiling | passages/s | vs ceiling | min cos queries | min cos passages | load s |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in runtime_rows:
-            lines.append(f"| {r['runtime']} | {r['precision']} | {r['queries_per_s']:.1f} | {r['queries_per_s'] / best:.2f}x | "
+            ran = r["precision"] if r["precision"] == r["asked"] else f"{r['asked']} (ran {r['precision']})"
+            lines.append(f"| {r['runtime']} | {ran} | {r['queries_per_s']:.1f} | {r['queries_per_s'] / best:.2f}x | "
                          f"{r['passages_per_s']:.1f} | {r['passages_per_s'] / c['passage_best']:.2f}x | {r['min_cos_queries']:.6f} | "
                          f"{r['min_cos_passages']:.6f} | {r['load_s']:.1f} |")
         lines.append("")
@@ -643,7 +657,7 @@ def main() -> int:
     http: list[dict] = []
     ready: dict[str, float] = {}
     ingest: dict | None = None
-    served = ""
+    served = served_infinity = ""
     if "http" not in skip:
         print("2. embedlift over HTTP", flush=True)
         proc, url, ready["embedlift"] = embedlift_server(tmp)
@@ -657,8 +671,9 @@ def main() -> int:
         finally:
             stop(proc)
         if args.infinity and "infinity" not in skip:
-            print("3. infinity over HTTP", flush=True)
-            proc, url, ready["infinity"] = infinity_server(args.infinity, tmp)
+            served_infinity = infinity_dtype(runtime_rows)
+            print(f"3. infinity over HTTP (its torch engine, --dtype {served_infinity})", flush=True)
+            proc, url, ready["infinity"] = infinity_server(args.infinity, tmp, served_infinity)
             try:
                 http += run_loads("infinity", url, "/embeddings", lambda g, kind: {"input": g, "model": "minilm"},
                                   queries, passages, tmp, args.duration)
@@ -689,6 +704,8 @@ def main() -> int:
             else json.dumps({"ceiling": c, "runtimes": runtime_rows, "http": http, "search": search, "hybrid": hybrid}, default=float))
     if served:
         text += f"\nembedlift's server ran its base {served}.\n"
+    if served_infinity:
+        text += f"infinity ran its torch engine with `--dtype {served_infinity}` (`infinity_dtype`).\n"
     if stores is not None:
         text += store_bench.report(stores)
     args.out.parent.mkdir(parents=True, exist_ok=True)

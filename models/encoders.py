@@ -338,7 +338,8 @@ class LocalEncoder(Encoder):
         if not kept:
             return "torch", "fp32", fidelity
         self._forward = candidate
-        return chosen[0], chosen[1], fidelity
+        # what it computes in (OpenVINO compiles bf16 as fp32 on a CPU without bf16 instructions, and says so)
+        return chosen[0], getattr(candidate, "precision", chosen[1]), fidelity
 
     def _runtime_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """The forward pass of ``runtime`` in ``precision`` (OpenVINO: converted and compiled, or from its cache)."""

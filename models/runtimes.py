@@ -149,7 +149,13 @@ class OpenVINOForward:
             {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
         )
         self._request = self._compiled.create_infer_request()
-        logger.info("OpenVINO %s ready in %.1f s", precision, time.perf_counter() - started)
+        # What it really computes in: on a CPU without bf16 instructions OpenVINO compiles a bf16 hint as f32.
+        ran = "bf16" if self._compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
+        if ran != precision:
+            logger.info("OpenVINO compiled %s as fp32: this CPU has no bf16 instructions (its capabilities: %s)", precision,
+                        ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+        self.precision = ran
+        logger.info("OpenVINO %s ready in %.1f s", ran, time.perf_counter() - started)
 
     def __call__(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch

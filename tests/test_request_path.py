@@ -130,7 +130,12 @@ def test_openvino_runs_within_the_bound_and_starts_from_its_cache(tmp_path, mini
     for encoder in (first, again):
         windows = [t[a:b] for t in texts for a, b in encoder.split([t], "document")[0]]
         assert min_cosine(minilm.encode(windows, "document"), encoder.encode(windows, "document")) >= MIN_COSINE
-    assert again.precision == "bf16" and again.spec.runtime == "openvino" and again.describe()["precision_fidelity"] >= MIN_COSINE
+    # bf16 where OpenVINO can compute in it; on a CPU without bf16 instructions it compiles fp32, and says it runs that
+    import openvino
+
+    has_bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert again.precision == ("bf16" if has_bf16 else "fp32") == again.spec.precision
+    assert again.spec.runtime == "openvino" and again.describe()["precision_fidelity"] >= MIN_COSINE
 
 
 @needs_openvino
