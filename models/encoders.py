@@ -316,30 +316,33 @@ class LocalEncoder(Encoder):
         timed_precisions = asked == "auto" and self.device == "cpu" and precision != "fp32"
         precisions: list[Precision] = ["fp32", precision] if timed_precisions else [precision]
         forwards: dict[tuple[Runtime, Precision], Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
+        failed: set[Runtime] = set()  # a model OpenVINO cannot convert is not converted again for another precision
         for p in precisions:
-            for r in runtime_candidates(runtime, self.device):
+            for r in runtime_candidates(runtime, self.device):  # auto's list always holds torch
                 if (r, p) == ("torch", "fp32"):
                     forwards[r, p] = reference
+                    continue
+                if r in failed:
                     continue
                 try:
                     forwards[r, p] = self._runtime_forward(r, p, compiled_dir)
                 except Exception as exc:  # OpenVINO's converter raises its own types for models it cannot convert
                     if runtime != "auto" or r != "openvino":
                         raise
+                    failed.add(r)
                     logger.warning("%s: OpenVINO could not run the model in %s (%s); not using it", self.name, p, exc)
-        if not forwards:  # auto's only candidate was OpenVINO in an explicit precision, and it failed
-            forwards["torch", precision] = self._runtime_forward("torch", precision, compiled_dir)
         chosen = next(iter(forwards)) if len(forwards) == 1 else self._fastest(forwards)
         if chosen == ("torch", "fp32"):
             return "torch", "fp32", 1.0
-        probe = self._input_ids(PROBE, "document", keep=False)
         candidate = forwards[chosen]
-        kept, fidelity = checked(lambda _: self._run(reference, probe), lambda _: self._run(candidate, probe), " ".join(chosen), self.name)
+        # what it computes in (OpenVINO compiles bf16 as fp32 on a CPU without bf16 instructions, and says so)
+        ran: Precision = getattr(candidate, "precision", chosen[1])
+        probe = self._input_ids(PROBE, "document", keep=False)
+        kept, fidelity = checked(lambda _: self._run(reference, probe), lambda _: self._run(candidate, probe), f"{chosen[0]} {ran}", self.name)
         if not kept:
             return "torch", "fp32", fidelity
         self._forward = candidate
-        # what it computes in (OpenVINO compiles bf16 as fp32 on a CPU without bf16 instructions, and says so)
-        return chosen[0], getattr(candidate, "precision", chosen[1]), fidelity
+        return chosen[0], ran, fidelity
 
     def _runtime_forward(self, runtime: Runtime, precision: Precision, compiled_dir: str | os.PathLike[str] | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """The forward pass of ``runtime`` in ``precision`` (OpenVINO: converted and compiled, or from its cache)."""
