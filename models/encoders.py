@@ -26,7 +26,7 @@ from embedlift.models.errors import InvalidInputError
 from embedlift.models.precision import PROBE, SPEEDUP, TIMING, Precision, checked, resolve_device, resolve_precision, timed
 from embedlift.models.runtimes import OpenVINOForward, Runtime, TorchForward, runtime_candidates
 from embedlift.models.spec import DEFAULT_BASE, BaseSpec, canonical_model
-from embedlift.models.tokens import TokenMemo, pad, token_batches
+from embedlift.models.tokens import TokenMemo, Tokenize, pad, token_batches
 from embedlift.models.windows import Span, plan_windows
 
 logger = logging.getLogger(__name__)
@@ -260,9 +260,11 @@ class LocalEncoder(Encoder):
         if (dim := get_dim()) is None:
             raise InvalidInputError(f"{self.name} does not state its embedding dimension; it is not a sentence-transformers embedding model")
         self.dim = int(dim)
-        # Window planning, token counts and model inputs all tokenise with this copy, always with the same
-        # settings (a Rust tokenizer's padding/truncation state is shared between threads and set per call).
+        # A copy of the model's tokenizer, its settings never changed per call (a Rust tokenizer's padding and
+        # truncation are state shared between threads); window planning, token counts and model inputs all
+        # tokenise through ``Tokenize`` (its Rust tokenizer called directly where it has one).
         self.tokenizer = copy.deepcopy(self.model.tokenizer)
+        self._tokenize = Tokenize(self.tokenizer)
         specials = self.tokenizer.num_special_tokens_to_add(False)
         prompt_tokens = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self._prompts.values())
         # Two tokens of margin: a window's text re-tokenized on its own may differ at an edge.
@@ -388,12 +390,10 @@ class LocalEncoder(Encoder):
         missing = [i for i, ids in enumerate(found) if ids is None]
         if missing:
             prompt = self._prompts[role]
-            # Every call of this tokenizer passes the same settings (no padding, no truncation: a Rust tokenizer's
-            # are state shared between threads); the cut to the model's limit is done here, as the tokenizer's
-            # own truncation of one sequence would do it.
-            enc = self.tokenizer([prompt + texts[i] for i in missing], add_special_tokens=False, verbose=False)
+            # Tokenised without truncation (``Tokenize``); the cut to the model's limit is done here, as the
+            # tokenizer's own truncation of one sequence would do it.
             room = self.max_seq_length - len(self._prefix) - len(self._suffix)
-            for i, content in zip(missing, enc["input_ids"], strict=True):
+            for i, content in zip(missing, self._tokenize.ids([prompt + texts[i] for i in missing]), strict=True):
                 ids = np.asarray([*self._prefix, *content[:room], *self._suffix], dtype=np.int64)
                 found[i] = ids
                 if keep:
@@ -417,10 +417,10 @@ class LocalEncoder(Encoder):
         if not texts:
             return []
         prompt = self._prompts[role]
-        enc = self.tokenizer([prompt + t for t in texts], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        all_ids, all_offsets = self._tokenize.ids_and_offsets([prompt + t for t in texts])
         out: list[list[Span]] = []
         p = len(prompt)
-        for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        for text, ids, offsets in zip(texts, all_ids, all_offsets, strict=True):
             own = offsets
             if p:  # the prompt's tokens lead; the text's offsets are shifted back to index the text itself
                 n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > p), len(offsets))
@@ -436,8 +436,7 @@ class LocalEncoder(Encoder):
         counts = [self._counts.take(t) for t in texts]
         missing = [t for t, c in zip(texts, counts, strict=True) if c is None]
         if missing:
-            enc = self.tokenizer(missing, add_special_tokens=False, verbose=False)
-            computed = iter(len(ids) + self._specials for ids in enc["input_ids"])
+            computed = iter(len(ids) + self._specials for ids in self._tokenize.ids(missing))
             return [int(c) if c is not None else next(computed) for c in counts]
         return [int(c) for c in counts if c is not None]
 

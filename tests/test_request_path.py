@@ -9,6 +9,7 @@ import asyncio
 import gc
 import importlib.util
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,9 @@ from sentence_transformers import SentenceTransformer
 from embedlift.models import encoders, precision
 from embedlift.models.encoders import LocalEncoder, default_model_path
 from embedlift.models.precision import MIN_COSINE, PROBE, cpu_has_fast_bf16, min_cosine
-from embedlift.models.tokens import pad, token_batches
+from embedlift.models.tokens import Tokenize, pad, token_batches
 from embedlift.service.batching import BULK, INTERACTIVE, BatchQueue
+from embedlift.service.http.app import SWITCH_INTERVAL
 from embedlift.service.metrics import base_metrics
 from tests.helpers import app_client
 
@@ -33,17 +35,18 @@ def reference():
 
 
 class CountingTokenizer:
-    """The encoder's tokenizer, counting the texts it is handed."""
+    """The encoder's tokenizer (``Tokenize``), counting the texts it is handed."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.texts = inner, 0
 
-    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+    def ids(self, texts: list[str]) -> Any:
         self.texts += len(texts)
-        return self.inner(texts, **kwargs)
+        return self.inner.ids(texts)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    def ids_and_offsets(self, texts: list[str]) -> Any:
+        self.texts += len(texts)
+        return self.inner.ids_and_offsets(texts)
 
 
 def test_token_batches_fill_a_budget_of_padded_tokens():
@@ -57,9 +60,34 @@ def test_token_batches_fill_a_budget_of_padded_tokens():
     assert left.tolist() == [[1, 2, 3], [0, 0, 4]] and left_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+TRICKY = [
+    "What was Lyft's revenue?", "", "   ", "a", "naïve café — Ünïcödé, 東京 and emoji 🚗🚕", "[CLS] spelled [SEP] out [PAD]",
+    "tabs\tand\nnewlines\r\n", "don't   split  words", "x" * 300, "Lyft " * 200,
+]
+
+
+def test_the_rust_tokenizer_called_directly_gives_the_wrappers_ids_and_offsets(minilm):
+    """``Tokenize`` skips transformers' wrapper: the same ids and character spans, for one text and for many,
+    through the Rust tokenizer and through the wrapper (a slow tokenizer's path)."""
+    tokenizer = SentenceTransformer(str(default_model_path()), device="cpu").tokenizer
+    direct, wrapped = Tokenize(tokenizer), Tokenize(tokenizer)
+    wrapped._rust = None
+    assert direct._rust is not None, "the packaged model has a fast tokenizer"
+    expected = tokenizer(TRICKY, add_special_tokens=False, return_offsets_mapping=True)
+    for tok in (direct, wrapped):
+        ids, offsets = tok.ids_and_offsets(TRICKY)
+        assert ids == expected["input_ids"] and offsets == [[tuple(o) for o in x] for x in expected["offset_mapping"]]
+        assert tok.ids(TRICKY) == expected["input_ids"]
+        assert [tok.ids([t])[0] for t in TRICKY] == expected["input_ids"]  # one text at a time: the same
+    # the wrapper truncating elsewhere (ST's own encode does) does not reach the direct tokenizer
+    long = "Lyft " * 600
+    tokenizer([long], truncation=True, max_length=16)
+    assert direct.ids([long]) == tokenizer([long], add_special_tokens=False)["input_ids"] and len(direct.ids([long])[0]) > 600
+
+
 def test_an_input_is_tokenised_once_and_gets_sentence_transformers_vectors(minilm, reference, lyft):
     encoder = LocalEncoder(precision="fp32", runtime="torch", query_prompt="query: ", batch_tokens=1024)
-    counting = encoder.tokenizer = CountingTokenizer(encoder.tokenizer)
+    counting = encoder._tokenize = CountingTokenizer(encoder._tokenize)
     models_own = CountingTokenizer(None)  # sentence-transformers' own tokenising (encode -> preprocess) never runs
 
     def preprocess(*args: Any, **kwargs: Any) -> Any:
@@ -223,10 +251,14 @@ def test_openvino_pools_on_one_torch_thread_and_gives_the_caller_its_threads_bac
     assert min_cosine(minilm.encode(QUESTIONS, "query"), vectors) >= MIN_COSINE
 
 
-def test_what_the_engine_loaded_is_frozen_while_it_serves_and_collectable_after(tmp_path):
-    # a full collection over the loaded model's objects stopped every thread for about 0.3 s under load
+def test_serving_freezes_what_the_engine_loaded_and_hands_the_gil_over_quickly_until_it_stops(tmp_path):
+    # a full collection over the loaded model's objects stopped every thread for about 0.3 s under load; the
+    # batch worker waited up to Python's default switch interval for the GIL after each native call
     gc.unfreeze()
+    before = sys.getswitchinterval()
     with app_client(tmp_path / "data", tmp_path / "adapters") as client:
         assert client.post("/embed", json={"input": "How many riders?"}).status_code == 200
         assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
     assert gc.get_freeze_count() == 0
+    assert sys.getswitchinterval() == pytest.approx(before)
