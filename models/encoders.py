@@ -266,7 +266,7 @@ class LocalEncoder(Encoder):
         self.tokenizer = copy.deepcopy(self.model.tokenizer)
         self._tokenize = Tokenize(self.tokenizer)
         specials = self.tokenizer.num_special_tokens_to_add(False)
-        prompt_tokens = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self._prompts.values())
+        prompt_tokens = max(len(ids) for ids in self._tokenize.ids(list(self._prompts.values())))
         # Two tokens of margin: a window's text re-tokenized on its own may differ at an edge.
         default_window = self.max_seq_length - specials - prompt_tokens - 2
         self.window_tokens = window_tokens or default_window
