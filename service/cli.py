@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info",
-        access_log=settings.access_log, timeout_graceful_shutdown=30,
+        access_log=settings.access_log, timeout_graceful_shutdown=30, timeout_keep_alive=settings.keep_alive_timeout,
         # loop/http "auto" (uvicorn's default) pick uvloop and httptools, which the project depends on: the C
         # event loop and HTTP parser take a third off the per-request cost.
     )
@@ -500,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-inputs", help="inputs waiting for the model; more get 429 (default 2048)")
     s.add_argument("--cache-mb", help="in-memory cache of base vectors for requests, MB; 0 = off (default 256)")
     s.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default: it costs throughput)")
+    s.add_argument("--keep-alive-timeout", help="seconds an idle keep-alive connection stays open; keep it above what a proxy "
+                   "or load balancer in front holds idle upstream connections (default 75; nginx and AWS ALB: 60)")
     s.add_argument("--cors-origins", help="comma-separated origins browsers may call from (* = any); default: CORS off")
     s.add_argument("--watch-interval",
                    help="seconds between scans of the adapters directory for new checkpoints; 0 = off (default 2)")

@@ -72,6 +72,10 @@ class Settings:
         watch_interval: Seconds between scans of the adapters directory for new checkpoints (0 = off).
         metrics_public: ``False`` puts ``/metrics`` behind the read key.
         access_log: Log every request (off: Prometheus counts them, and a log line each costs throughput).
+        keep_alive_timeout: Seconds an idle keep-alive connection stays open. Longer than what sits in front
+            keeps: uvicorn's own 5 s equals httpx's (and so the openai SDK's) pool expiry, and nginx and AWS load
+            balancers hold idle upstream connections 60 s, so a request sent on a connection the server is just
+            closing fails (nginx answers 502 and does not retry a POST). 75 s, as nginx's own default.
         cors_origins: Comma-separated origins that browsers may call the API from (``*`` = any); ``None`` =
             CORS off (no CORS headers, so browsers keep other sites' pages out).
     """
@@ -109,6 +113,7 @@ class Settings:
     watch_interval: Annotated[float, Meta(ge=0)] = 2.0
     metrics_public: bool = True
     access_log: bool = False
+    keep_alive_timeout: Annotated[int, Meta(ge=1)] = 75
     cors_origins: str | None = None
 
     def __post_init__(self) -> None:

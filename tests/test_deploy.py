@@ -50,6 +50,9 @@ def test_compose_runs_two_replicas_over_pgvector_behind_nginx():
     nginx = (REPO / "deploy" / "nginx.conf").read_text()
     assert "server embedlift-1:8080" in nginx and "server embedlift-2:8080" in nginx
     assert any("nginx.conf" in v for v in services["nginx"]["volumes"])
+    # nginx drops idle upstream connections before the replicas do (else a POST meets a closed one: 502)
+    nginx_idle = int(re.search(r"^\s*keepalive_timeout\s+(\d+)s;", nginx, re.M).group(1))
+    assert nginx_idle < Settings().keep_alive_timeout
 
 
 def test_kubernetes_has_a_deployment_ready_on_ready_a_service_an_hpa_and_a_secret():

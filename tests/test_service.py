@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
 import shutil
@@ -256,6 +257,40 @@ def test_malformed_json_and_unknown_routes(server):
     r = httpx.post(f"{server}/embed", content=b"{nope", headers={"content-type": "application/json", **READ})
     assert r.status_code == 400
     assert httpx.get(f"{server}/nothing-here", headers=READ).status_code == 404
+
+
+def keep_alive_answers(url: str, idle: float) -> bool:
+    """One request, ``idle`` seconds of silence, then a second request on the same socket: whether it answered."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        sock = conn.sock
+        time.sleep(idle)
+        try:
+            conn.request("GET", "/health")
+            answered = conn.getresponse().status == 200
+        except (http.client.HTTPException, ConnectionError):
+            return False
+        return answered and conn.sock is sock  # not a reconnect
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_idle_connections_outlive_client_pools_and_proxies(server, tmp_path):
+    """httpx (and so the openai SDK) reuses a connection idle up to 5 s, nginx and AWS load balancers up to 60 s:
+    the server keeps one longer (75 s), so a request never meets a connection the server is just closing (under
+    load that race failed a request now and then with uvicorn's own 5 s). ``--keep-alive-timeout`` sets it."""
+    assert keep_alive_answers(server, idle=6)
+    proc, url = start_server(tmp_path / "data", tmp_path / "adapters", "--base", HASHING, "--keep-alive-timeout", "1",
+                             "--watch-interval", "0")
+    try:
+        assert keep_alive_answers(url, idle=0.2)
+        assert not keep_alive_answers(url, idle=2.5)
+    finally:
+        assert stop_server(proc) == 0
 
 
 def test_collections_upsert_search_get_delete(server):
