@@ -261,8 +261,8 @@ def test_malformed_json_and_unknown_routes(server):
 
 def keep_alive_answers(url: str, idle: float) -> bool:
     """One request, ``idle`` seconds of silence, then a second request on the same socket: whether it answered."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    parts = httpx.URL(url)
+    conn = http.client.HTTPConnection(parts.host, parts.port, timeout=10)
     try:
         conn.request("GET", "/health")
         conn.getresponse().read()
