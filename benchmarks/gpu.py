@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import DATA, best_of_two, embedlift_server, percentile, stop  # noqa: E402
+from serving import DATA, best_of_two, embedlift_server, machine, percentile, stop  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -123,8 +123,18 @@ def over_http(model: str, device: str, queries: list[str], tmp: Path, seconds: f
         stop(proc)
 
 
+def device_name(device: str) -> str:
+    """What ran: the GPU's name and memory as torch reports them, or the CPU (``serving.machine``)."""
+    import torch
+
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        return f"{device}: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__} (CUDA {torch.version.cuda})"
+    return f"{device}: {machine()}"
+
+
 def report(device: str, runs: list[dict], ready: float, http: list[dict]) -> str:
-    lines = [f"Device: {device}", "", "| precision | ran as | queries/s | passages/s | min cosine to CPU fp32 (queries / passages) |",
+    lines = [f"Device: {device_name(device)}", "", "| precision | ran as | queries/s | passages/s | min cosine to CPU fp32 (queries / passages) |",
              "|---|---|---:|---:|---:|"]
     for r in runs:
         if "refused" in r:

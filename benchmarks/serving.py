@@ -180,6 +180,31 @@ def runtimes(queries: list[str], passages: list[str], tmp: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ 2-3. HTTP load
+def machine() -> str:
+    """The CPU a run measured, for its results file: a VM may hide the model name (an EPYC showed only "AMD EPYC"),
+    and two CPUs with the same flags ran bf16 1.8x apart, so the family and model numbers go with it, with the
+    cores this process may use and the bf16 instructions torch sees."""
+    import platform
+
+    import torch
+
+    from embedlift.models.encoders import available_cores
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ids = f" (CPU family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields and "model" in fields else ""
+    cpu = getattr(torch, "cpu", None)
+    bf16 = [flag for flag, check in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+            if getattr(cpu, check, lambda: False)()]
+    return f"{name}{ids}, {available_cores()} cores, bf16 instructions: {', '.join(bf16) or 'none'}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -575,7 +600,7 @@ def hybrid_search(sizes: list[int], queries: list[str], passages: list[str], tmp
 def report(c: dict, http: list[dict], engine: dict, search: list[dict], ready: dict[str, float], hybrid: dict | None = None,
            runtime_rows: list[dict] | None = None, ingest: dict | None = None) -> str:
     best = c["best"]
-    lines = ["## Serving benchmark (`make bench-serving`)", ""]
+    lines = ["## Serving benchmark (`make bench-serving`)", "", f"Machine: {machine()}.", ""]
     if runtime_rows:
         lines += ["| runtime | precision | queries/s | vs ceiling | passages/s | vs ceiling | min cos queries | min cos passages | load s |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -654,6 +679,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     queries, passages = load_texts()
     tmp = Path(tempfile.mkdtemp(prefix="embedlift-bench-"))
+    print(f"machine: {machine()}", flush=True)
     print(f"{len(queries)} queries (first 12 words of each Lyft question), {len(passages)} passages", flush=True)
     print("1. in-process ceiling", flush=True)
     c = ceiling(queries, passages)

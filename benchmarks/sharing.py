@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import load_texts  # noqa: E402
+from serving import load_texts, machine  # noqa: E402
 
 from embedlift.models.encoders import LocalEncoder  # noqa: E402
 from embedlift.service.http.app import SWITCH_INTERVAL  # noqa: E402
@@ -65,6 +65,7 @@ def main() -> int:
     questions = load_texts()[0][: args.questions]
     shares = [float(s) for s in args.busy.split(",")]
     sys.setswitchinterval(SWITCH_INTERVAL)
+    print(f"Machine: {machine()}.\n")
     print("| model threads | runtime precision | Python thread busy | queries/s | vs alone | process CPU (cores) |")
     print("|---:|---|---:|---:|---:|---:|")
     for threads in (int(t) for t in args.threads.split(",")):
