@@ -57,8 +57,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        # A thread per admitted request: each waits on the batcher while the model runs (asyncio's default
-        # pool has cpu + 4 threads, which would cap the requests that can share a batch).
+        # Blocking work runs on this pool: searches, store reads and writes, the tokenising of a large request,
+        # and synchronous upserts, which wait on the batcher from their thread (``Engine._offload``). An embed
+        # request awaits the batcher on the loop and holds no thread. The pool is sized for every admitted request
+        # at once, plus a few for the routes outside admission: asyncio's default pool (cpu + 4 threads) would
+        # leave requests queued for a thread on a small machine.
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=settings.max_concurrent + 8, thread_name_prefix="embedlift")
         )
