@@ -67,6 +67,27 @@ def load_texts() -> tuple[list[str], list[str]]:
     return queries, passages
 
 
+def machine() -> str:
+    """The CPU a run measured, for its results file: a VM may hide the model name (an EPYC showed only "AMD EPYC"),
+    and two CPUs with the same flags ran bf16 1.8x apart, so the family and model numbers go with it, with the
+    cores this process may use and the bf16 instructions torch sees."""
+    import platform
+
+    from embedlift.models.encoders import available_cores
+    from embedlift.models.precision import cpu_bf16_instructions
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ids = f" (CPU family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields and "model" in fields else ""
+    return f"{name}{ids}, {available_cores()} cores, bf16 instructions: {', '.join(cpu_bf16_instructions()) or 'none'}"
+
+
 def percentile(values: list[float], p: float) -> float:
     return float(np.percentile(np.asarray(values), p)) if values else float("nan")
 
@@ -180,31 +201,6 @@ def runtimes(queries: list[str], passages: list[str], tmp: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ 2-3. HTTP load
-def machine() -> str:
-    """The CPU a run measured, for its results file: a VM may hide the model name (an EPYC showed only "AMD EPYC"),
-    and two CPUs with the same flags ran bf16 1.8x apart, so the family and model numbers go with it, with the
-    cores this process may use and the bf16 instructions torch sees."""
-    import platform
-
-    import torch
-
-    from embedlift.models.encoders import available_cores
-
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:  # not Linux
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    ids = f" (CPU family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields and "model" in fields else ""
-    cpu = getattr(torch, "cpu", None)
-    bf16 = [flag for flag, check in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
-            if getattr(cpu, check, lambda: False)()]
-    return f"{name}{ids}, {available_cores()} cores, bf16 instructions: {', '.join(bf16) or 'none'}"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

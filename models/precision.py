@@ -56,14 +56,19 @@ PROBE: tuple[str, ...] = (
 TIMING: tuple[str, ...] = PROBE[:6] * 6
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs torch's bf16 kernels natively (AMX tiles or AVX-512 BF16)."""
+def cpu_bf16_instructions() -> list[str]:
+    """The bf16 instructions torch sees on this CPU, of those its bf16 kernels use natively: AMX tiles and
+    AVX-512 BF16 (the benchmarks name them with the machine they ran on)."""
     import torch
 
     cpu = getattr(torch, "cpu", None)
-    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)
-    avx = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)
-    return bool(amx() or avx())
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+    return [name for name, check in checks if getattr(cpu, check, lambda: False)()]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs torch's bf16 kernels natively (AMX tiles or AVX-512 BF16)."""
+    return bool(cpu_bf16_instructions())
 
 
 def resolve_device(device: str) -> str:
