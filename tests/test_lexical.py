@@ -185,6 +185,30 @@ def test_the_lexical_index_scores_exactly_through_writes_deletes_compaction_and_
     agree(c2)
 
 
+def test_documents_without_indexable_terms_are_stored_searched_densely_and_reloaded(hashing, homes):
+    """A write whose every window has no terms (stopwords, digits alone, punctuation: benchmarks/fuzz.py found
+    the upsert answering 500 after the store had committed it) is stored and indexed with zero terms, on both
+    stores and through a restart; it is found densely, never lexically, and does not shift BM25's statistics."""
+    manager = homes(hashing.fingerprint, hashing.dim, hashing.spec)
+    c, _ = manager.create("docs")
+    termless = [("t1", "of the and", {"n": 1}), ("t2", "... ,,, !!!", {"n": 2})]
+    c.upsert(docs_of(hashing, termless[:1]))  # alone: the write's postings are empty
+    c.upsert(docs_of(hashing, termless[1:] + items(6)))
+    assert c.counts()[0] == 9
+    agree(c)
+    assert not {"t1", "t2"} & lexical_hits(c, "revenue drivers").keys()
+    q = hashing.encode(["of the and"], "query")
+    found = c.search(q, ["of the and"], SearchPlan(k=1, mode="dense"))[0]
+    assert [h.id for h in found.hits] == ["t1"]
+    manager.close()
+    again = homes(hashing.fingerprint, hashing.dim, hashing.spec)
+    c2 = again.get("docs")
+    assert c2.lexical_status == "ready" and c2.counts()[0] == 9
+    agree(c2)
+    c2.delete(["t1"])
+    agree(c2)
+
+
 def test_a_collection_without_postings_gets_them_built_in_the_background(hashing, tmp_path):
     """A collection written before lexical indexes existed (no postings, no record of them) is served dense at
     start while its index is built, then ranks as exactly as a new one."""

@@ -102,6 +102,8 @@ class MemoryLexicalIndex(LexicalIndex):
         self._slot_of.update(zip(p.keys.tolist(), slots.tolist(), strict=True))
         self._live += len(p.keys)
         self._total_length += float(p.lengths.sum())
+        if len(p.term_ids) == 0:  # windows without a term (stopwords, punctuation): counted, nothing to post
+            return
         order = np.argsort(p.term_ids, kind="stable")  # the batch's postings grouped by term
         term_ids, posting_slots, tfs = p.term_ids[order], slots[p.window_of[order]].astype(np.int32), p.tfs[order]
         bounds = np.flatnonzero(np.diff(term_ids)) + 1
