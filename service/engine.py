@@ -653,7 +653,7 @@ class Engine:
             lexical = collection.config.lexical
             embed = functools.partial(self._embed_collection, request.collection, request.queries, request.relevant_docs)
         if request.mode == "hybrid" and lexical is None:
-            raise InvalidInputError(f"collection {request.collection!r} has no lexical index (lexical: null): evaluate it with mode: dense")
+            raise ConflictError(f"collection {request.collection!r} has no lexical index (lexical: null): evaluate it with mode: dense")
 
         def work(job: Job | None = None) -> EvalResponse:
             data, doc_texts, query_texts = embed()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
 from embedlift.service.cli import spec_bytes
@@ -46,16 +48,43 @@ REFERENTIAL = {("POST", "/eval")}
 REFERENTIAL |= {("POST", "/tei/tokenize"), ("POST", "/tei/query/tokenize")}
 
 
+FIXTURE_ADAPTER = "fuzz-linear"
+
+
 @pytest.fixture(scope="module")
-def fuzz_server(hashing, tmp_path_factory):
+def fuzz_home(hashing, tmp_path_factory):
+    """The adapters directory (with the fixture's adapter) and the server's address."""
     adapters = tmp_path_factory.mktemp("fuzz-adapters")
-    make_adapter(hashing, adapters / "fuzz-linear")
+    make_adapter(hashing, adapters / FIXTURE_ADAPTER)
     proc, url = start_server(
         tmp_path_factory.mktemp("fuzz-data"), adapters, "--base", HASHING, "--api-key", READ_KEY, "--admin-key", ADMIN_KEY,
         "--watch-interval", "0", env={"EMBEDLIFT_MAX_INPUTS": "16", "EMBEDLIFT_MAX_DOCUMENTS": "16"},
     )
-    yield url
+    yield adapters, url
     assert stop_server(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(fuzz_home):
+    return fuzz_home[1]
+
+
+def reset(url: str, adapters: Path, hashing) -> None:
+    """The server back to how it started, through its API: no collections, the fixture's adapter registered and
+    active. The stateful test starts every scenario here, so a scenario replayed while hypothesis shrinks meets the
+    same server (a collection left by an earlier one turns a 201 into a 200 and changes what can follow)."""
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    with admin:
+        for c in admin.get("/collections").raise_for_status().json()["collections"]:
+            admin.delete(f"/collections/{c['name']}").raise_for_status()
+        listed = admin.get("/adapters").raise_for_status().json()["adapters"]
+        if FIXTURE_ADAPTER not in {a["name"] for a in listed}:  # a scenario deleted it (and its directory)
+            make_adapter(hashing, adapters / FIXTURE_ADAPTER)
+            admin.post("/adapters", json={"name": FIXTURE_ADAPTER}).raise_for_status()
+        admin.post(f"/adapters/{FIXTURE_ADAPTER}/activate").raise_for_status()
+        for a in listed:
+            if a["name"] != FIXTURE_ADAPTER:
+                admin.delete(f"/adapters/{a['name']}").raise_for_status()
 
 
 # A spec-valid request may still meet a limit the server is configured with (413: inputs per request, k) or
@@ -92,14 +121,18 @@ def test_every_operation_answers_as_its_spec_says(case, fuzz_server):
     )
 
 
-def test_sequences_of_calls_follow_the_spec(fuzz_server):
+def test_sequences_of_calls_follow_the_spec(fuzz_home, hashing):
     """Stateful: schemathesis chains operations over the links it infers from the spec (a created collection
     is then upserted into, searched, read and deleted; a registered adapter activated or deleted), holding
-    every response in each sequence to the same checks."""
+    every response in each sequence to the same checks. Each sequence starts from the server as it started."""
+    adapters, fuzz_server = fuzz_home
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     calls: list[str] = []
 
     class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self):
+            reset(fuzz_server, adapters, hashing)
+
         def get_call_kwargs(self, case):
             fixed_case(case)
             calls.append(f"{case.method} {case.operation.path}")

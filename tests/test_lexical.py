@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from embedlift.models.errors import InvalidInputError
+from embedlift.models.errors import ConflictError, InvalidInputError
 from embedlift.models.fusion import (
     DEFAULT_ALPHA,
     fuse_rows,
@@ -281,7 +281,7 @@ def test_lexical_search_falls_back_to_dense_and_says_why(hashing, homes):
     assert found.mode_used == "dense" and "no indexable terms" in found.note and len(found.hits) == 3
     plain, _ = manager.create("plain", lexical=None)
     plain.upsert(docs_of(hashing, items(5)))
-    with pytest.raises(InvalidInputError, match="has no lexical index"):
+    with pytest.raises(ConflictError, match="has no lexical index"):
         plain.search(q, ["revenue"], SearchPlan(k=3, mode="lexical"))
 
 

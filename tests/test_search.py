@@ -112,7 +112,7 @@ def test_a_collection_without_a_lexical_index_searches_dense(client):
     body = client.post("/collections/plain/search", json={"query": "revenue"}).json()
     assert body["mode_used"] == "dense"
     r = client.post("/collections/plain/search", json={"query": "revenue", "mode": "hybrid"})
-    assert r.status_code == 400 and "no lexical index" in r.json()["detail"]
+    assert r.status_code == 409 and "no lexical index" in r.json()["detail"]  # the collection's state, not the request
 
 
 def test_stop_words_only_is_dense_with_a_note(client):

@@ -22,7 +22,7 @@ import numpy as np
 
 from embedlift.models.adapters import Adapter
 from embedlift.models.encoders import Encoder
-from embedlift.models.errors import InvalidInputError
+from embedlift.models.errors import ConflictError, InvalidInputError
 from embedlift.models.fusion import CANDIDATES, DEFAULT_ALPHA, Fusion, Mode, fuse
 from embedlift.models.lexical import AnalysedText, Analyzer, analyzer
 from embedlift.models.windows import Span, embed_documents
@@ -246,7 +246,8 @@ class Collection:
         if mode == "dense":
             return None
         if self.lexical_index is None:
-            raise InvalidInputError(
+            # 409, not 400: the request is well formed; the collection it names was created without the index
+            raise ConflictError(
                 f"collection {self.name!r} has no lexical index (it was created with lexical: null); search it with mode: dense"
             )
         if self.lexical_index.status != "ready":
