@@ -1,6 +1,6 @@
 """schemathesis against the app's own OpenAPI spec (what `/schema/openapi.json` serves), driving a real
-`embedlift serve` on loopback (on the model-free base: the HTTP layer is what is tested): every operation,
-seeded and bounded.
+`embedlift serve` on loopback (on the model-free base: the HTTP layer is what is tested), once on its data
+directory and once on a PostgreSQL database: every operation, seeded and bounded.
 
 Every response must be a documented status with the documented content type and schema, never a 5xx; inputs
 the spec allows must be accepted and inputs it forbids refused. `benchmarks/fuzz.py` runs the same checks
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ from schemathesis.checks import (
     unsupported_method,
 )
 
+from tests.conftest import STORES
 from tests.helpers import HASHING, make_adapter, start_server, stop_server
 
 READ_KEY, ADMIN_KEY = "fuzz-read", "fuzz-admin"
@@ -51,14 +53,19 @@ REFERENTIAL |= {("POST", "/tei/tokenize"), ("POST", "/tei/query/tokenize")}
 FIXTURE_ADAPTER = "fuzz-linear"
 
 
-@pytest.fixture(scope="module")
-def fuzz_home(hashing, tmp_path_factory):
-    """The adapters directory (with the fixture's adapter) and the server's address."""
+@pytest.fixture(scope="module", params=STORES)
+def fuzz_home(request, hashing, tmp_path_factory):
+    """The adapters directory (with the fixture's adapter) and the address of a server on each store: its data
+    directory, or a PostgreSQL database shared as replicas share it (collections, cache, jobs and registry)."""
     adapters = tmp_path_factory.mktemp("fuzz-adapters")
     make_adapter(hashing, adapters / FIXTURE_ADAPTER)
+    env = {"EMBEDLIFT_MAX_INPUTS": "16", "EMBEDLIFT_MAX_DOCUMENTS": "16"}
+    if request.param == "postgres":
+        pg = request.getfixturevalue("postgres")
+        env |= {"EMBEDLIFT_STORE": pg.create_database(f"fuzz_{uuid.uuid4().hex[:10]}"), "EMBEDLIFT_CACHE_STORE": "store"}
     proc, url = start_server(
         tmp_path_factory.mktemp("fuzz-data"), adapters, "--base", HASHING, "--api-key", READ_KEY, "--admin-key", ADMIN_KEY,
-        "--watch-interval", "0", env={"EMBEDLIFT_MAX_INPUTS": "16", "EMBEDLIFT_MAX_DOCUMENTS": "16"},
+        "--watch-interval", "0", env=env,
     )
     yield adapters, url
     assert stop_server(proc) == 0
