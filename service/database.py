@@ -121,6 +121,10 @@ MIGRATIONS: list[str] = [
         UNIQUE (collection_id, label)
     );
     """,
+    # 6: a job's input and result as JSON text: JSONB cannot hold U+0000, which an evaluation's texts and ids may
+    f"""
+    ALTER TABLE {SCHEMA}.jobs ALTER COLUMN spec TYPE text USING spec::text, ALTER COLUMN result TYPE text USING result::text;
+    """,
 ]
 
 

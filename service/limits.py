@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from embedlift.models.errors import InvalidInputError, TooLargeError
+from embedlift.service.collections.filters import nul_in
 from embedlift.service.schemas import Document, is_blank
 from embedlift.service.settings import Settings
 
@@ -54,7 +55,7 @@ def check_search(k: int, offset: int, alpha: float | None, settings: Settings) -
 
 
 def check_documents(docs: Sequence[Document], settings: Settings) -> None:
-    """An upsert: the document count, each text's size, no blank text, ids unique within the request."""
+    """An upsert: the document count, each text's size, no blank text, no U+0000, ids unique within the request."""
     if len(docs) > settings.max_documents:
         raise TooLargeError(f"{len(docs)} documents > maximum allowed {settings.max_documents} per request; split the upsert", field="documents")
     for i, d in enumerate(docs):
@@ -62,5 +63,10 @@ def check_documents(docs: Sequence[Document], settings: Settings) -> None:
             raise TooLargeError(f"documents[{i}] ({d.id!r}) has {len(d.text)} characters > maximum allowed {settings.max_input_chars}; split it", field=f"documents[{i}].text")
         if is_blank(d.text):
             raise InvalidInputError(f"documents[{i}] ({d.id!r}) has empty text; every document must contain text", field=f"documents[{i}].text")
+        if (part := nul_in(d.id, d.text, d.metadata)) is not None:
+            raise InvalidInputError(
+                f"documents[{i}] ({d.id!r}): its {part} contains the character U+0000, which collections do not store "
+                "(PostgreSQL cannot, and SQLite's JSON functions cut strings at it); remove it", field=f"documents[{i}].{part}",
+            )
     if dupes := sorted(doc_id for doc_id, n in Counter(d.id for d in docs).items() if n > 1):
         raise InvalidInputError(f"document ids must be unique in one upsert; repeated: {dupes[:5]}", field="documents")

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import msgspec
 
@@ -53,17 +54,20 @@ class DatabaseJobStore(JobStore):
 
     def save(self, job: Job) -> None:
         result = None if job.result is None else msgspec.json.encode(job.result).decode()
+        error = None if job.error is None else job.error.replace("\x00", "\\x00")  # a text column cannot hold U+0000
         with self.db.transaction() as conn:
             conn.execute(
                 f"UPDATE {SCHEMA}.jobs SET status = %s, done = %s, total = %s, result = %s, error = %s, "
                 "finished = CASE WHEN %s THEN now() END, heartbeat = now() WHERE id = %s",
-                (job.status, job.done, job.total, result, job.error, job.finished is not None, job.id),
+                (job.status, job.done, job.total, result, error, job.finished is not None, job.id),
             )
         if job.finished is not None:
             with self._lock:
                 self._running.pop(job.id, None)
 
     def get(self, job_id: str) -> Job | None:
+        if "\x00" in job_id:  # not an id this store gave (nor one PostgreSQL can take as a parameter)
+            return None
         with self.db.transaction() as conn:
             row = conn.execute(
                 f"SELECT id, kind, status, done, total, result, error, extract(epoch FROM created), extract(epoch FROM finished), "
@@ -72,7 +76,7 @@ class DatabaseJobStore(JobStore):
             ).fetchone()
         if row is None:
             return None
-        job = Job(id=row[0], kind=row[1], status=row[2], done=row[3], total=row[4], result=row[5], error=row[6],
+        job = Job(id=row[0], kind=row[1], status=row[2], done=row[3], total=row[4], result=_json(row[5]), error=row[6],
                   created=float(row[7]), finished=None if row[8] is None else float(row[8]))
         if job.status in ("queued", "running") and not row[11] and row[9] is not None and float(row[9]) > self.lease:
             job.status, job.error = "failed", (
@@ -92,7 +96,7 @@ class DatabaseJobStore(JobStore):
             ).fetchone()
         if row is None:
             return None
-        job = Job(id=row[0], kind=row[1], status="running", done=row[2], total=row[3], spec=row[4], created=float(row[5]), store=self)
+        job = Job(id=row[0], kind=row[1], status="running", done=row[2], total=row[3], spec=_json(row[4]), created=float(row[5]), store=self)
         with self._lock:
             self._running[job.id] = job
         return job
@@ -118,3 +122,7 @@ class DatabaseJobStore(JobStore):
     def close(self) -> None:
         self._stop.set()
 
+
+def _json(text: str | None) -> Any:
+    """A job's spec or result as stored (JSON text, where ``\\u0000`` is six characters PostgreSQL can hold)."""
+    return None if text is None else msgspec.json.decode(text)

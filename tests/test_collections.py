@@ -91,8 +91,11 @@ def test_filter_upsert_replace_delete(encoder, homes):
     assert c.delete(["doc-7", "missing"]) == ["missing"]
     assert "doc-7" not in [h.id for h in dense(c, q, 40)[0]]
     assert c.counts() == (39, 39)
-    with pytest.raises(InvalidInputError, match="filter key"):
-        dense(c, q, 3, where={'bad"key': 1})
+    # any JSON key filters, those SQLite's paths cannot quote too (test_lexical's brute-force comparison)
+    c.upsert(documents(encoder, [("odd-keys", "Keys with quotes and backslashes.", {'a"b': 1, "c\\": "x", "": True})]))
+    for where in ({'a"b': 1}, {"c\\": "x"}, {"": True}, {'a"b': {"$gte": 1}, "": {"$exists": True}}):
+        assert [h.id for h in dense(c, q, 40, where=where)[0]] == ["odd-keys"], where
+    assert dense(c, q, 3, where={'a"b': 2})[0] == []
 
 
 def test_hnsw_deletes_are_filtered_then_rebuilt(encoder, tmp_path, monkeypatch):

@@ -317,14 +317,18 @@ def test_fused_matrices_keep_only_candidates():
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.5, 1.0, -2.5]), st.sampled_from(["a", "b", "1"]))
 METADATA = st.dictionaries(st.sampled_from(["x", "y", "z"]), VALUES, max_size=3)
 NUMBER = st.one_of(st.integers(-3, 3), st.sampled_from([0.5, -1.5]))
+# Filters may name what no document holds: U+0000, which a PostgreSQL store cannot hold (nor take as a parameter)
+ASKED = st.one_of(VALUES, st.just("a\x00"))
 CONDITION = st.one_of(
-    VALUES,
-    st.builds(lambda v: {"$eq": v}, VALUES), st.builds(lambda v: {"$ne": v}, VALUES),
+    ASKED,
+    st.builds(lambda v: {"$eq": v}, ASKED), st.builds(lambda v: {"$ne": v}, ASKED),
     st.builds(lambda op, v: {op: v}, st.sampled_from(["$gt", "$gte", "$lt", "$lte"]), NUMBER),
-    st.builds(lambda op, v: {op: v}, st.sampled_from(["$in", "$nin"]), st.lists(VALUES, min_size=1, max_size=3)),
+    st.builds(lambda op, v: {op: v}, st.sampled_from(["$in", "$nin"]), st.lists(ASKED, min_size=1, max_size=3)),
     st.builds(lambda v: {"$exists": v}, st.booleans()),
 )
-LEAF = st.dictionaries(st.sampled_from(["x", "y", "z"]), CONDITION, min_size=1, max_size=2)
+# Stored keys SQLite's JSON paths cannot quote ('q"', 'b\\', '') beside plain ones; and one no document can hold.
+STORED_KEYS = ["x", "y", "z", 'q"', "b\\", ""]
+LEAF = st.dictionaries(st.sampled_from([*STORED_KEYS, "x\x00"]), CONDITION, min_size=1, max_size=2)
 FILTER = st.recursive(LEAF, lambda inner: st.builds(lambda op, parts: {op: parts}, st.sampled_from(["$and", "$or"]), st.lists(inner, min_size=1, max_size=3)), max_leaves=6)
 
 
@@ -337,7 +341,7 @@ def filtered(hashing, module_homes):
     values = [None, True, False, -3, 0, 1, 2, 1.0, 0.5, -2.5, "a", "b", "1"]
     manager = module_homes(hashing.fingerprint, hashing.dim, hashing.spec)
     c, _ = manager.create("f")
-    meta = {f"m{i}": {k: rng.choice(values) for k in "xyz" if rng.random() < 0.7} for i in range(120)}
+    meta = {f"m{i}": {k: rng.choice(values) for k in STORED_KEYS if rng.random() < 0.7} for i in range(120)}
     c.upsert(docs_of(hashing, [(d, f"document {d} about revenue and riders", m) for d, m in meta.items()]))
     return c, meta
 

@@ -440,3 +440,89 @@ def test_an_apply_to_both_adapters_view_is_a_table_built_by_one_job_and_dropped_
     finally:
         for proc, _ in servers:
             stop_server(proc)
+
+
+@pytest.mark.parametrize("store", ["embedded", "postgres"])
+def test_u0000_is_refused_in_documents_and_answered_exactly_everywhere_else(store, request, tmp_path):
+    """U+0000: PostgreSQL's text and JSONB cannot hold it and SQLite's JSON functions cut strings at it, so both
+    stores are refused it in a document (id, text or metadata) with a 400 before any work, in a request and in a
+    background upsert alike (benchmarks/fuzz.py found a 500 there, and on every read below). Elsewhere it is
+    answered exactly: a read by an id with it finds nothing, a filter naming it matches as over the stored data
+    (no stored key or string holds it), and an evaluation of texts with it runs as a background job whose input and
+    result the store keeps."""
+    env = {"EMBEDLIFT_SYNC_UPSERT_DOCUMENTS": "2", "EMBEDLIFT_SYNC_EVAL_TEXTS": "2"}
+    if store == "postgres":
+        env |= {"EMBEDLIFT_STORE": request.getfixturevalue("postgres").create_database(f"n_{uuid.uuid4().hex[:10]}"), "EMBEDLIFT_CACHE_STORE": "store"}
+    proc, base = start_server(tmp_path / "data", tmp_path / "adapters", "--base", HASHING, "--watch-interval", "0", env=env)
+    try:
+        c = httpx.Client(base_url=base, timeout=60)
+        c.put("/collections/kb").raise_for_status()
+        bad = [{"id": "a\x00", "text": "fine"}, {"id": "b", "text": "a\x00b"}, {"id": "c", "text": "t", "metadata": {"k": ["x", {"y": "\x00"}]}},
+               {"id": "d", "text": "t", "metadata": {"k\x00": 1}}]
+        for doc, part in zip(bad, ["id", "text", "metadata", "metadata"], strict=True):
+            for documents in ([doc], docs(3) + [doc]):  # in a request, and past sync_upsert_documents (a job)
+                r = c.post("/collections/kb/documents", json={"documents": documents})
+                assert r.status_code == 400 and "U+0000" in r.json()["detail"] and r.json()["field"].endswith(part), r.text
+        assert c.get("/collections/kb").json()["documents"] == 0  # nothing of a refused upsert was stored
+        stored = docs(8)
+        stored[0]["metadata"]["path"] = "C:\\u0000dir"  # a backslash, then "u0000": six characters, not U+0000
+        r = c.post("/collections/kb/documents", json={"documents": stored})
+        job = r.json()["job"]["id"]
+        wait_for(lambda: c.get(f"/jobs/{job}").json()["status"] == "succeeded", timeout=60)
+        assert c.get("/collections/kb/documents/d0").json()["metadata"]["path"] == "C:\\u0000dir"
+        assert c.get("/collections/kb/documents/d0%00").status_code == 404
+        assert c.get("/jobs/job%00").status_code == 404
+        assert c.post("/collections/kb/documents/delete", json={"ids": ["d1\x00", "d1"]}).json() == {"deleted": 1, "missing": ["d1\x00"]}
+        topics = {d["id"]: d["metadata"]["topic"] for d in stored if d["id"] != "d1"}
+        for where, expected in [
+            ({"topic": "driver pay\x00"}, set()),
+            ({"topic": {"$ne": "driver pay\x00"}}, set(topics)),
+            ({"topic": {"$in": ["x\x00", "driver pay"]}}, {d for d, t in topics.items() if t == "driver pay"}),
+            ({"topic": {"$nin": ["x\x00", "driver pay"]}}, {d for d, t in topics.items() if t != "driver pay"}),
+            ({"top\x00ic": None}, set(topics)),  # null matches an absent key
+            ({"top\x00ic": {"$exists": True}}, set()),
+            ({"$or": [{"top\x00ic": 1}, {"topic": "scooter fleet"}]}, {d for d, t in topics.items() if t == "scooter fleet"}),
+        ]:
+            for mode in ("dense", "lexical", "hybrid"):
+                r = c.post("/collections/kb/search", json={"query": "note region\x00", "k": 20, "mode": mode, "filter": where})
+                assert r.status_code == 200 and {h["id"] for h in r.json()["hits"]} == expected, (where, mode, r.text)
+        dataset = {"queries": {"q\x001": "driver\x00 pay", "q2": "scooter fleet"}, "corpus": {"d\x001": "Driver pay rose.", "d2": "The scooter fleet grew."},
+                   "relevant_docs": {"q\x001": ["d\x001"], "q2": ["d2"]}}
+        r = c.post("/eval", json={"dataset": dataset, "per_query": True})
+        assert r.status_code == 202, r.text
+        job = r.json()["job"]["id"]
+        wait_for(lambda: c.get(f"/jobs/{job}").json()["status"] == "succeeded", timeout=60)
+        result = c.get(f"/jobs/{job}").json()["result"]
+        assert result["queries"] == 2 and set(result["ranks"]["base"]) == {"q\x001", "q2"}
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_a_store_at_schema_5_migrates_its_jobs_and_resumes_them(postgres):
+    """Schema 6 keeps a job's input and result as JSON text (JSONB cannot hold U+0000): a store migrated from 5
+    keeps the jobs it had, readable and resumable."""
+    import psycopg
+    from embedlift.service.database import MIGRATIONS, SCHEMA, Database
+    from embedlift.service.shared_jobs import DatabaseJobStore
+
+    url = postgres.create_database(f"m_{uuid.uuid4().hex[:10]}")
+    with psycopg.connect(url, autocommit=True) as conn:  # as embedlift with schema 5 left it
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(f"CREATE TABLE {SCHEMA}.schema_version (version integer PRIMARY KEY, applied timestamptz NOT NULL DEFAULT now())")
+        for version, step in enumerate(MIGRATIONS[:5], start=1):
+            conn.execute(step)
+            conn.execute(f"INSERT INTO {SCHEMA}.schema_version (version) VALUES (%s)", (version,))
+        conn.execute(f"INSERT INTO {SCHEMA}.jobs (id, kind, status, done, total, result, spec, owner, heartbeat) VALUES "
+                     "('old-done', 'eval', 'succeeded', 2, 2, '{\"queries\": 2}'::jsonb, NULL, 'gone', now()), "
+                     "('old-open', 'upsert', 'running', 0, 1, NULL, '{\"collection\": \"kb\", \"documents\": []}'::jsonb, 'gone', now() - interval '1 hour')")
+    db = Database(url).open()
+    try:
+        assert db.migrate() == len(MIGRATIONS) == 6
+        jobs = DatabaseJobStore(db, lease=30)
+        assert jobs.get("old-done").result == {"queries": 2}
+        claimed = jobs.claim()
+        assert claimed is not None and claimed.id == "old-open" and claimed.spec == {"collection": "kb", "documents": []}
+        jobs.close()
+    finally:
+        db.close()

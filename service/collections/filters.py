@@ -30,6 +30,7 @@ RANGE = ("$gt", "$gte", "$lt", "$lte")
 LOGICAL = ("$and", "$or")
 MAX_DEPTH = 32
 MAX_ITEMS = 1024  # values of $in/$nin, filters of $and/$or
+NUL = "\x00"
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ def parse(where: Mapping[str, Any], path: str = "filter", depth: int = 0) -> Gro
             parts.append(Group(logic, tuple(parse(v, f"{where_key}[{i}]", depth + 1) for i, v in enumerate(value))))
         elif key.startswith("$"):
             raise InvalidInputError(f"{where_key}: unknown operator {key!r} at this level; use $and or $or, or a metadata key", field=where_key)
-        elif not key or '"' in key:
-            raise InvalidInputError(f"filter key {key!r} is not allowed: use a non-empty key without '\"'", field=where_key)
         elif isinstance(value, Mapping):
             if not value:
                 raise InvalidInputError(f"{where_key} is an empty object; give a value or operators {list(OPERATORS)}", field=where_key)
@@ -153,8 +152,44 @@ def matches(node: Node, metadata: Mapping[str, Any]) -> bool:
     return all(results) if node.logic == "$and" else any(results)
 
 
+def nul_in(doc_id: str, text: str, metadata: Mapping[str, Any]) -> str | None:
+    """Which part of a document holds U+0000 (``None``: none), which no store keeps: PostgreSQL's text and JSONB
+    cannot hold it and SQLite's JSON functions cut a string at it (a filter would see ``"a"`` for ``"a\\x00b"``).
+    Every store is refused it, so filters can rely on it: a key with it is absent, a string with it equal to
+    nothing stored (``_nul_condition``)."""
+    if NUL in doc_id:
+        return "id"
+    if NUL in text:
+        return "text"
+    stack: list[Any] = [metadata]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str) and NUL in value:
+            return "metadata"
+        if isinstance(value, Mapping):
+            if any(NUL in str(k) for k in value):
+                return "metadata"
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return None
+
+
+def _nul_condition(c: Condition) -> tuple[list[Any], bool | None]:
+    """A condition naming U+0000, resolved without the store (which could not take it as a parameter): no stored
+    key or string holds it (``nul_in``). ``(values left to compare, None)``, or ``([], the constant result)``."""
+    if NUL in c.key:
+        return [], _holds(c, {})  # the key is absent from every document
+    if c.op not in ("$eq", "$ne", "$in", "$nin"):
+        return [c.value], None
+    values = c.value if c.op in ("$in", "$nin") else [c.value]
+    left = [v for v in values if not (isinstance(v, str) and NUL in v)]  # equal to no stored value
+    if not left:
+        return [], c.op in ("$ne", "$nin")
+    return left, None
+
+
 # ------------------------------------------------------------------------------------------------- sqlite
-_IS_NUMBER = "json_type({m}, ?) IN ('integer', 'real')"
 INT64 = 1 << 63
 
 
@@ -163,30 +198,54 @@ def _bindable(value: Any) -> Any:
     return float(value) if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64 else value
 
 
-def _sql_equal(value: Any, m: str, path: str) -> tuple[str, list[Any]]:
+@dataclass(frozen=True)
+class _SQLKey:
+    """How SQL reads one metadata key: ``value`` and ``type`` (as ``json_extract`` and ``json_type`` give them),
+    each taking one parameter, ``param``. The key is read through a JSON path (``$."key"``) unless it is empty or
+    holds ``"`` or ``\\``, which SQLite's paths cannot quote (it would read no key, or fail): then the object's
+    own entries are searched for it (``json_each``), exactly."""
+
+    value: str
+    type: str
+    param: str
+
+    @classmethod
+    def of(cls, m: str, key: str) -> _SQLKey:
+        if not key or '"' in key or "\\" in key:
+            return cls(f"(SELECT value FROM json_each({m}) WHERE key = ?)", f"(SELECT type FROM json_each({m}) WHERE key = ?)", key)
+        return cls(f"json_extract({m}, ?)", f"json_type({m}, ?)", f'$."{key}"')
+
+    def is_number(self) -> str:
+        return f"{self.type} IN ('integer', 'real')"
+
+
+def _sql_equal(value: Any, k: _SQLKey) -> tuple[str, list[Any]]:
     """``stored == value`` in JSON's terms (see ``_equal``)."""
     if value is None:
-        return f"json_extract({m}, ?) IS NULL", [path]
+        return f"{k.value} IS NULL", [k.param]
     if isinstance(value, bool):
-        return f"json_type({m}, ?) = '{'true' if value else 'false'}'", [path]
-    kind = _IS_NUMBER.format(m=m) if _number(value) else f"json_type({m}, ?) = 'text'"
-    return f"({kind} AND json_extract({m}, ?) = ?)", [path, path, _bindable(value)]
+        return f"{k.type} = '{'true' if value else 'false'}'", [k.param]
+    kind = k.is_number() if _number(value) else f"{k.type} = 'text'"
+    return f"({kind} AND {k.value} = ?)", [k.param, k.param, _bindable(value)]
 
 
 def _sql_condition(c: Condition, m: str) -> tuple[str, list[Any]]:
-    path = f'$."{c.key}"'
+    values, constant = _nul_condition(c)
+    if constant is not None:
+        return ("1" if constant else "0"), []
+    k = _SQLKey.of(m, c.key)
     if c.op in ("$eq", "$ne", "$in", "$nin"):
         clauses, params = [], []
-        for v in c.value if c.op in ("$in", "$nin") else (c.value,):
-            clause, extra = _sql_equal(v, m, path)
+        for v in values:
+            clause, extra = _sql_equal(v, k)
             clauses.append(f"COALESCE({clause}, 0)")  # absent key: NULL in SQL, false here
             params += extra
         expr = "(" + " OR ".join(clauses) + ")"
         return (f"NOT {expr}" if c.op in ("$ne", "$nin") else expr), params
     if c.op == "$exists":
-        return f"(json_type({m}, ?) IS {'NOT ' if c.value else ''}NULL)", [path]
+        return f"({k.type} IS {'NOT ' if c.value else ''}NULL)", [k.param]
     sign = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}[c.op]
-    return f"COALESCE(({_IS_NUMBER.format(m=m)} AND json_extract({m}, ?) {sign} ?), 0)", [path, path, _bindable(c.value)]
+    return f"COALESCE(({k.is_number()} AND {k.value} {sign} ?), 0)", [k.param, k.param, _bindable(c.value)]
 
 
 def to_sql(node: Node, metadata_column: str = "d.metadata") -> tuple[str, list[Any]]:
@@ -213,9 +272,12 @@ def _pg_equal(value: Any, m: str, key: str) -> tuple[str, list[Any]]:
 
 
 def _pg_condition(c: Condition, m: str) -> tuple[str, list[Any]]:
+    values, constant = _nul_condition(c)
+    if constant is not None:
+        return ("true" if constant else "false"), []
     if c.op in ("$eq", "$ne", "$in", "$nin"):
         clauses, params = [], []
-        for v in c.value if c.op in ("$in", "$nin") else (c.value,):
+        for v in values:
             clause, extra = _pg_equal(v, m, c.key)
             clauses.append(f"COALESCE({clause}, false)")
             params += extra

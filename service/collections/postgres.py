@@ -57,7 +57,7 @@ from embedlift.service.collections.base import (
 )
 from embedlift.service.collections.faiss_index import AUTO_HNSW_WINDOWS, Transform  # the same threshold on both stores
 from embedlift.service.collections.lexical_index import MemoryLexicalIndex
-from embedlift.service.collections.filters import parse, to_postgres
+from embedlift.service.collections.filters import NUL, nul_in, parse, to_postgres
 from embedlift.service.database import SCHEMA, Database
 from embedlift.service.schemas import StoredDocument
 
@@ -86,9 +86,12 @@ def _view_table(cid: int, view: int) -> str:
 
 
 def _no_nul(doc: NewDocument) -> None:
-    """PostgreSQL text and JSONB cannot hold U+0000: refuse it with the document's name (SQLite stores it)."""
-    if "\x00" in doc.text or "\\u0000" in json.dumps(doc.metadata):
-        raise InvalidInputError(f"document {doc.id!r} contains the character U+0000, which PostgreSQL cannot store; remove it")
+    """PostgreSQL text and JSONB cannot hold U+0000. Requests are refused it at the edge on every store
+    (``limits.check_documents``); this guards the other ways in (``store-copy`` from a collection written
+    before that rule). So no stored id holds it, and reads by such an id find nothing without asking the
+    database, which cannot take it as a parameter either."""
+    if (where := nul_in(doc.id, doc.text, doc.metadata)) is not None:
+        raise InvalidInputError(f"document {doc.id!r}: its {where} contains the character U+0000, which PostgreSQL cannot store; remove it")
 
 
 class PostgresHome:
@@ -307,7 +310,7 @@ class PostgresStore(CollectionStore):
         """Delete documents by id (windows and postings cascade), updating the counts; the removed window keys
         and the ids that were not there."""
         t = self.t
-        rows = conn.execute(f"SELECT seq, id FROM {t['docs']} WHERE id = ANY(%s)", (list(ids),)).fetchall()
+        rows = conn.execute(f"SELECT seq, id FROM {t['docs']} WHERE id = ANY(%s)", ([i for i in ids if NUL not in i],)).fetchall()
         present = {r[1] for r in rows}
         if not rows:
             return np.zeros(0, np.int64), [i for i in ids if i not in present]
@@ -386,6 +389,8 @@ class PostgresStore(CollectionStore):
 
     # reads ---------------------------------------------------------------------------------------------
     def get(self, doc_id: str) -> StoredDocument | None:
+        if NUL in doc_id:
+            return None
         with self.db.transaction() as conn:
             row = conn.execute(
                 f"SELECT d.id, d.text, d.metadata, (SELECT count(*) FROM {self.t['windows']} w WHERE w.seq = d.seq) "

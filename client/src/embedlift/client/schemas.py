@@ -56,6 +56,12 @@ _NOT_BLANK = re.compile(NOT_BLANK)
 def is_blank(text: str) -> bool:
     return _NOT_BLANK.search(text) is None
 
+
+# What a collection stores holds no U+0000 (PostgreSQL cannot, SQLite's JSON functions cut strings at it): the
+# spec's patterns for a document's id and text (the server's 400 names the part; metadata is checked likewise).
+NO_NUL = r"^[^\u0000]*$"
+STORED_TEXT = rf"^[^\u0000]*[^{WHITESPACE}\u0000][^\u0000]*$"
+
 Texts = str | list[str]
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]  # the one pattern for collection, adapter, dataset names
 
@@ -219,8 +225,8 @@ class CollectionList(msgspec.Struct, kw_only=True):
 
 
 class Document(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    id: Annotated[str, Meta(min_length=1, max_length=512)]
-    text: Annotated[str, Meta(extra_json_schema=spec(pattern=NOT_BLANK))]
+    id: Annotated[str, Meta(min_length=1, max_length=512, extra_json_schema=spec(pattern=NO_NUL))]
+    text: Annotated[str, Meta(extra_json_schema=spec(pattern=STORED_TEXT))]
     metadata: dict[str, Any] = {}
 
 
