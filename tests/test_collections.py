@@ -147,6 +147,29 @@ def test_names_conflicts_and_unknown(encoder, homes, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing left behind in the directory (the embedded store's home)
 
 
+def test_hnsw_settings_a_store_cannot_build_are_refused_at_creation(encoder, homes):
+    """FAISS takes every setting the API allows; pgvector only its own bounds, refused when the collection is
+    created (a 400 naming them) rather than when its index is built at 20,000 windows or searched (it answered
+    500 with ef_search past 1000: benchmarks/fuzz.py)."""
+    manager = homes(encoder.fingerprint, encoder.dim)
+    pgvector_refuses = [  # (name, index, settings, the field named)
+        ("m", "hnsw", {"hnsw_m": 128}, "hnsw_m"), ("ef-c", "auto", {"hnsw_m": 32, "ef_construction": 40}, "ef_construction"),
+        ("ef-s", "auto", {"ef_search": 2277}, "ef_search"), ("ef-c-max", "hnsw", {"ef_construction": 4096}, "ef_construction"),
+    ]
+    for name, index, settings, field in pgvector_refuses:
+        if homes.kind == "postgres":
+            with pytest.raises(InvalidInputError, match="pgvector's, which takes") as err:
+                manager.create(name, index, **settings)
+            assert err.value.field == field
+        else:
+            c, _ = manager.create(name, index, **settings)
+            c.upsert(documents(encoder, corpus(30)))
+            q, _ = embed_pooled(encoder, ["revenue growth"], "query")
+            assert len(dense(c, q, 5)[0]) == 5
+    c, _ = manager.create("flat", "flat", hnsw_m=128, ef_search=4096)  # never builds an HNSW index: any store
+    assert c.config.index == "flat"
+
+
 def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):
     """A collection built with another base is listed but refused, naming both fingerprints and the
     re-index command; `embedlift reindex` re-embeds its stored texts onto this base."""

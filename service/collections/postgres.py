@@ -67,6 +67,10 @@ MASK = (1 << WINDOW_BITS) - 1
 #: benchmark's corpus, recall@10 (one hit per document) was 0.905 at ef_search 128, 0.944 at 200, 0.983 at 400
 #: (2.6 ms per query), 0.995 at 800 (4.1 ms). A collection's ef_search is raised to this on PostgreSQL.
 PGVECTOR_MIN_EF_SEARCH = 400
+#: pgvector 0.8's bounds (its ``hnsw`` index options and ``hnsw.ef_search``), narrower than FAISS's and the API's.
+PGVECTOR_M = (2, 100)
+PGVECTOR_EF_CONSTRUCTION = (4, 1000)
+PGVECTOR_MAX_EF_SEARCH = 1000
 #: Writes kept in ``embedlift.changes`` per collection; a replica further behind reloads its indexes.
 KEEP_CHANGES = 10_000
 
@@ -132,6 +136,7 @@ class PostgresHome:
         with a conflict)."""
         import psycopg
 
+        _check_hnsw_settings(config)
         try:
             with self.db.transaction() as conn:
                 cid = conn.execute(
@@ -169,6 +174,23 @@ class PostgresHome:
             t = _tables(row[0])
             views = [_view_table(row[0], v) for (v,) in views]
             conn.execute(f"DROP TABLE IF EXISTS {', '.join([*views, t['postings'], t['windows'], t['docs'], t['postings_staged'], t['windows_staged']])}")
+
+
+def _check_hnsw_settings(config: CollectionConfig) -> None:
+    """Refuse (400, at creation) HNSW settings pgvector would reject when it builds the index (for ``auto``, at
+    20,000 windows, inside a write) or searches it; a ``flat`` collection never builds one."""
+    if config.index == "flat":
+        return
+    m, ef_c, ef_s = int(config.hnsw_m), int(config.ef_construction), int(config.ef_search)
+    if not PGVECTOR_M[0] <= m <= PGVECTOR_M[1]:
+        field, why = "hnsw_m", f"hnsw_m {PGVECTOR_M[0]} to {PGVECTOR_M[1]}, got {m}"
+    elif not max(PGVECTOR_EF_CONSTRUCTION[0], 2 * m) <= ef_c <= PGVECTOR_EF_CONSTRUCTION[1]:
+        field, why = "ef_construction", f"ef_construction from 2 x hnsw_m ({2 * m}) to {PGVECTOR_EF_CONSTRUCTION[1]}, got {ef_c}"
+    elif ef_s > PGVECTOR_MAX_EF_SEARCH:
+        field, why = "ef_search", f"ef_search up to {PGVECTOR_MAX_EF_SEARCH}, got {ef_s}"
+    else:
+        return
+    raise InvalidInputError(f"collection {config.name!r}: a PostgreSQL store's HNSW is pgvector's, which takes {why}", field=field)
 
 
 def _hnsw_of(table: str) -> str:
@@ -610,7 +632,9 @@ def _nearest(store: PostgresStore, table: str, kind: str, config: CollectionConf
     join = f"JOIN {store.t['docs']} d ON d.seq = w.seq WHERE {clause}" if clause else ""
     out: list[Candidates] = []
     with store.db.transaction() as conn:
-        conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(config.ef_search), PGVECTOR_MIN_EF_SEARCH)}")
+        # within pgvector's range: a collection created before creation checked it may ask for more
+        ef_search = min(max(int(config.ef_search), PGVECTOR_MIN_EF_SEARCH), PGVECTOR_MAX_EF_SEARCH)
+        conn.execute(f"SET LOCAL hnsw.ef_search = {ef_search}")
         if kind == "flat":
             conn.execute("SET LOCAL enable_indexscan = off")  # exact: a scan of every window
         elif clause:
