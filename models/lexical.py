@@ -46,6 +46,10 @@ _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 _SPLIT = re.compile(r"(?u)\b(\w\w+)\b")  # the same tokens, with what lies between them
 #: Distinct words an analyzer remembers the terms of (a few tens of MB at most).
 MAX_KNOWN_WORDS = 500_000
+#: A term is at most this many characters, its word's first ones (Lucene's maxTokenLength). A longer "word" is a
+#: base64 blob, a hash or a run-on URL; whole, it would not fit PostgreSQL's index of the postings (a btree row
+#: holds 2,704 bytes: the upsert failed).
+MAX_TERM_CHARS = 255
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Analyzer:
         self.language = language
         self.stopwords = frozenset(getattr(bm25s.stopwords, _STOPWORDS[language]))
         self._stemmer = Stemmer.Stemmer(language)
-        self.version = f"{language}:pystemmer-{Stemmer.version()}:stop-{len(self.stopwords)}"
+        self.version = f"{language}:pystemmer-{Stemmer.version()}:stop-{len(self.stopwords)}:max-{MAX_TERM_CHARS}"
         import threading
 
         self._local = threading.local()
@@ -89,7 +93,7 @@ class Analyzer:
     def _terms_of(self, words: set[str]) -> dict[str, str]:
         """Each word's term ("" for a stop word), remembered while fewer than ``MAX_KNOWN_WORDS`` are known."""
         plain = [w for w in words if w not in self.stopwords]
-        found = dict.fromkeys(words - set(plain), "") | dict(zip(plain, self._stem(plain), strict=True))
+        found = dict.fromkeys(words - set(plain), "") | {w: t[:MAX_TERM_CHARS] for w, t in zip(plain, self._stem(plain), strict=True)}
         if len(self._known) < MAX_KNOWN_WORDS:
             self._known.update(found)
         return found

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 from embedlift.models.cache import CachedEncoder, EmbeddingCache
 from embedlift.models.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
@@ -168,6 +169,32 @@ def test_hnsw_settings_a_store_cannot_build_are_refused_at_creation(encoder, hom
             assert len(dense(c, q, 5)[0]) == 5
     c, _ = manager.create("flat", "flat", hnsw_m=128, ef_search=4096)  # never builds an HNSW index: any store
     assert c.config.index == "flat"
+
+
+@pytest.mark.parametrize("dim", [3072, 4608])
+def test_a_base_wider_than_pgvectors_hnsw_is_searched_exactly_or_by_halfvec(dim, homes):
+    """OpenAI's text-embedding-3-large has 3,072 dimensions; pgvector's HNSW takes ``vector`` up to 2,000 and
+    ``halfvec`` up to 4,000. Up to 4,000 the index orders candidates by the half-precision casts and the hits keep
+    their float32 scores; past it ``hnsw`` is refused at creation and ``auto`` stays exact. FAISS takes any."""
+    from embedlift.models.spec import BaseSpec, load_base
+
+    wide = load_base(BaseSpec(model=f"hashing:{dim}"))
+    manager = homes(wide.fingerprint, wide.dim)
+    items = corpus(30)
+    if homes.kind == "postgres" and dim > 4000:
+        with pytest.raises(InvalidInputError, match="at most 4000 dimensions"):
+            manager.create("wide", "hnsw")
+        c, _ = manager.create("wide", "auto")
+    else:
+        c, _ = manager.create("wide", "hnsw")
+    c.upsert(documents(wide, items))
+    assert c.kind == ("flat" if homes.kind == "postgres" and dim > 4000 else "hnsw")
+    q, _ = embed_pooled(wide, ["revenue growth", "insurance costs"], "query")
+    docs = documents(wide, items)
+    for qi, hits in enumerate(dense(c, q, 5)):
+        exact = {d.id: float(np.max(d.vectors @ q[qi])) for d in docs}
+        assert [h.score for h in hits] == pytest.approx(sorted(exact.values(), reverse=True)[:5], abs=1e-6)  # the top 5 (ties in any order)
+        assert all(h.score == pytest.approx(exact[h.id], abs=1e-6) for h in hits)  # each its float32 score, not halfvec's
 
 
 def test_another_base_is_refused_and_reindex_fixes_it(encoder, tmp_path):

@@ -209,6 +209,24 @@ def test_documents_without_indexable_terms_are_stored_searched_densely_and_reloa
     agree(c2)
 
 
+def test_a_word_longer_than_a_term_is_indexed_by_its_first_255_characters(hashing, homes):
+    """A base64 blob or a hash is one "word" of thousands of characters: its term is its first ``MAX_TERM_CHARS``
+    (as Lucene's maxTokenLength), on both stores (whole, PostgreSQL could not index the posting: the upsert
+    failed), and a query with the same blob finds it."""
+    import base64
+    import random
+
+    from embedlift.models.lexical import MAX_TERM_CHARS
+
+    blob = base64.b32encode(random.Random(0).randbytes(3000)).decode().lower()  # 4,800 characters, incompressible
+    assert analyzer("english").terms(f"see {blob} end") == ["see", blob[:MAX_TERM_CHARS], "end"]
+    manager = homes(hashing.fingerprint, hashing.dim, hashing.spec)
+    c, _ = manager.create("docs")
+    c.upsert(docs_of(hashing, [("blob", f"An attachment: {blob}", {})] + items(5)))
+    assert list(lexical_hits(c, blob)) == ["blob"]
+    agree(c)
+
+
 def test_a_collection_without_postings_gets_them_built_in_the_background(hashing, tmp_path):
     """A collection written before lexical indexes existed (no postings, no record of them) is served dense at
     start while its index is built, then ranks as exactly as a new one."""

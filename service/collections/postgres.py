@@ -71,6 +71,11 @@ PGVECTOR_MIN_EF_SEARCH = 400
 PGVECTOR_M = (2, 100)
 PGVECTOR_EF_CONSTRUCTION = (4, 1000)
 PGVECTOR_MAX_EF_SEARCH = 1000
+#: pgvector's HNSW takes ``vector`` up to 2,000 dimensions and ``halfvec`` up to 4,000. A wider base (OpenAI's
+#: text-embedding-3-large has 3,072) is indexed by its vectors cast to half precision, which orders the candidates;
+#: their scores are still the float32 vectors'. Past 4,000 a collection searches exactly (``flat``).
+PGVECTOR_HNSW_DIM = 2000
+PGVECTOR_HALFVEC_HNSW_DIM = 4000
 #: Writes kept in ``embedlift.changes`` per collection; a replica further behind reloads its indexes.
 KEEP_CHANGES = 10_000
 
@@ -181,6 +186,11 @@ def _check_hnsw_settings(config: CollectionConfig) -> None:
     20,000 windows, inside a write) or searches it; a ``flat`` collection never builds one."""
     if config.index == "flat":
         return
+    if config.index == "hnsw" and config.dim > PGVECTOR_HALFVEC_HNSW_DIM:
+        raise InvalidInputError(
+            f"collection {config.name!r}: pgvector's HNSW indexes at most {PGVECTOR_HALFVEC_HNSW_DIM} dimensions (as halfvec) and this "
+            f"base has {config.dim}; create it with index flat (or auto, which stays exact here)", field="index",
+        )
     m, ef_c, ef_s = int(config.hnsw_m), int(config.ef_construction), int(config.ef_search)
     if not PGVECTOR_M[0] <= m <= PGVECTOR_M[1]:
         field, why = "hnsw_m", f"hnsw_m {PGVECTOR_M[0]} to {PGVECTOR_M[1]}, got {m}"
@@ -203,12 +213,25 @@ def _has_hnsw(conn: Any, table: str) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_hnsw_of(table),)).fetchone()[0]
 
 
+def _hnsw_order(dim: int, param: str = "%s") -> str:
+    """What HNSW search orders by, as the index was built (``_create_hnsw``): inner product of ``vector`` up to
+    ``PGVECTOR_HNSW_DIM`` dimensions, of the ``halfvec`` casts past it."""
+    if dim <= PGVECTOR_HNSW_DIM:
+        return f"w.embedding <#> {param}"
+    return f"w.embedding::halfvec({dim}) <#> {param}::halfvec({dim})"
+
+
 def _create_hnsw(conn: Any, table: str, config: CollectionConfig) -> None:
     """pgvector's HNSW index over ``table``'s vectors, a collection's windows or a view (built from what is
-    there: much faster than row by row)."""
+    there: much faster than row by row); none past ``PGVECTOR_HALFVEC_HNSW_DIM`` dimensions (exact search)."""
+    dim = int(conn.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'embedding'", (table,)).fetchone()[0])
+    if dim > PGVECTOR_HALFVEC_HNSW_DIM:
+        logger.debug("%s: %d dimensions, more than pgvector's HNSW takes: searched exactly", table, dim)
+        return
+    indexed = "embedding vector_ip_ops" if dim <= PGVECTOR_HNSW_DIM else f"(embedding::halfvec({dim})) halfvec_ip_ops"
     conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
     conn.execute(
-        f"CREATE INDEX {_hnsw_of(table).rpartition('.')[2]} ON {table} USING hnsw (embedding vector_ip_ops) "
+        f"CREATE INDEX {_hnsw_of(table).rpartition('.')[2]} ON {table} USING hnsw ({indexed}) "
         f"WITH (m = {int(config.hnsw_m)}, ef_construction = {int(config.ef_construction)})"
     )
 
@@ -639,13 +662,16 @@ def _nearest(store: PostgresStore, table: str, kind: str, config: CollectionConf
             conn.execute("SET LOCAL enable_indexscan = off")  # exact: a scan of every window
         elif clause:
             conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")  # keep scanning until enough pass
-        for q in np.asarray(queries, np.float32):
+        queries = np.asarray(queries, np.float32)
+        # the candidates in the index's order, each scored by its float32 vector (the same order below 2,000 dims)
+        order = "w.embedding <#> %s" if kind == "flat" else _hnsw_order(queries.shape[1])
+        for q in queries:
             m = max(4 * n, 16)
             while True:
                 rows = conn.execute(
                     f"""WITH nn AS MATERIALIZED (
                             SELECT w.key, w.embedding <#> %s AS distance FROM {table} w {join}
-                            ORDER BY w.embedding <#> %s LIMIT %s),
+                            ORDER BY {order} LIMIT %s),
                         best AS (SELECT DISTINCT ON (key >> {WINDOW_BITS}) key, distance FROM nn ORDER BY key >> {WINDOW_BITS}, distance, key)
                         SELECT key, distance, (SELECT count(*) FROM nn) FROM best ORDER BY distance, key LIMIT %s""",
                     [q, *params, q, m, n],
