@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from embedlift.models.errors import InvalidInputError, UnavailableError
+from embedlift.models.errors import InvalidInputError, TooLargeError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ class Database:
 
         Raises:
             StoreUnavailableError: The database cannot be reached (or the connection was lost mid-way).
+            TooLargeError: The database refused the statement as past one of its limits (413: retrying cannot help).
         """
         import psycopg
         from psycopg_pool import PoolTimeout
@@ -234,6 +235,8 @@ class Database:
         try:
             with self.pool.connection(timeout=self.timeout) as conn:
                 yield conn
+        except psycopg.errors.ProgramLimitExceeded as exc:  # an OperationalError, but the same request fails again
+            raise TooLargeError(f"the store {self.where} refused this as beyond its limits ({self.scrub(str(exc)).strip().splitlines()[0]})") from None
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise self.unavailable(exc) from None
 

@@ -526,3 +526,22 @@ def test_a_store_at_schema_5_migrates_its_jobs_and_resumes_them(postgres):
         jobs.close()
     finally:
         db.close()
+
+
+def test_a_statement_past_the_databases_limits_is_413_not_unavailable(postgres):
+    """PostgreSQL's "program limit exceeded" errors (an index row too large, too many arguments) are psycopg
+    OperationalErrors like a lost connection, but retrying cannot help: 413 naming the limit, not 503."""
+    from embedlift.models.errors import TooLargeError
+    from embedlift.service.database import Database
+
+    db = Database(postgres.create_database(f"l_{uuid.uuid4().hex[:10]}")).open()
+    try:
+        with pytest.raises(TooLargeError, match=r"beyond its limits \(index row") as err:
+            with db.transaction() as conn:
+                conn.execute("CREATE TEMP TABLE t (x text PRIMARY KEY)")
+                conn.execute("INSERT INTO t SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i")  # 12,800 hex digits
+        assert err.value.status_code == 413
+        with db.transaction() as conn:  # the connection went back to the pool in working order
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        db.close()
