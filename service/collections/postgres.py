@@ -213,12 +213,12 @@ def _has_hnsw(conn: Any, table: str) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_hnsw_of(table),)).fetchone()[0]
 
 
-def _hnsw_order(dim: int, param: str = "%s") -> str:
-    """What HNSW search orders by, as the index was built (``_create_hnsw``): inner product of ``vector`` up to
-    ``PGVECTOR_HNSW_DIM`` dimensions, of the ``halfvec`` casts past it."""
+def _hnsw_order(dim: int) -> str:
+    """What HNSW search orders by (its query vector the one parameter), as the index was built (``_create_hnsw``):
+    inner product of ``vector`` up to ``PGVECTOR_HNSW_DIM`` dimensions, of the ``halfvec`` casts past it."""
     if dim <= PGVECTOR_HNSW_DIM:
-        return f"w.embedding <#> {param}"
-    return f"w.embedding::halfvec({dim}) <#> {param}::halfvec({dim})"
+        return "w.embedding <#> %s"
+    return f"w.embedding::halfvec({dim}) <#> %s::halfvec({dim})"
 
 
 def _create_hnsw(conn: Any, table: str, config: CollectionConfig) -> None:
