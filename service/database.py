@@ -217,9 +217,12 @@ class Database:
         """``text`` with the password (should a driver message ever carry it) replaced."""
         return text.replace(self._password, "***") if self._password else text
 
+    def _reason(self, exc: BaseException) -> str:
+        """The first line of a driver error, password scrubbed (its type where it says nothing)."""
+        return self.scrub(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
     def unavailable(self, exc: BaseException) -> StoreUnavailableError:
-        first = self.scrub(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return StoreUnavailableError(f"the store {self.where} cannot be reached ({first}); retry in {RETRY_AFTER} s")
+        return StoreUnavailableError(f"the store {self.where} cannot be reached ({self._reason(exc)}); retry in {RETRY_AFTER} s")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -236,7 +239,7 @@ class Database:
             with self.pool.connection(timeout=self.timeout) as conn:
                 yield conn
         except psycopg.errors.ProgramLimitExceeded as exc:  # an OperationalError, but the same request fails again
-            raise TooLargeError(f"the store {self.where} refused this as beyond its limits ({self.scrub(str(exc)).strip().splitlines()[0]})") from None
+            raise TooLargeError(f"the store {self.where} refused this as beyond its limits ({self._reason(exc)})") from None
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise self.unavailable(exc) from None
 

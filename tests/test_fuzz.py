@@ -18,6 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from embedlift.service.cli import spec_bytes
+from embedlift.service.collections.postgres import PGVECTOR_EF_CONSTRUCTION, PGVECTOR_M, PGVECTOR_MAX_EF_SEARCH
 from hypothesis import HealthCheck, seed, settings
 from schemathesis.checks import (
     allow_header_conformance,
@@ -119,12 +120,12 @@ def fixed_case(case, store: str) -> None:
             return isinstance(body.get(key), int | float) and not isinstance(body.get(key), bool)
 
         if number("hnsw_m"):
-            body["hnsw_m"] = min(body["hnsw_m"], 100)  # 2 x 100 is the default ef_construction
+            body["hnsw_m"] = min(body["hnsw_m"], PGVECTOR_M[1])  # 2 x 100 is the default ef_construction
         m = body["hnsw_m"] if number("hnsw_m") else 32
         if number("ef_construction"):
-            body["ef_construction"] = min(max(body["ef_construction"], 2 * m), 1000)
+            body["ef_construction"] = min(max(body["ef_construction"], 2 * m), PGVECTOR_EF_CONSTRUCTION[1])
         if number("ef_search"):
-            body["ef_search"] = min(body["ef_search"], 1000)
+            body["ef_search"] = min(body["ef_search"], PGVECTOR_MAX_EF_SEARCH)
     if (case.operation.path == "/v1/embeddings" or case.operation.path.startswith("/tei")) and body.get("dimensions") is not None:
         body["dimensions"] = DIM
     if case.operation.path.endswith("/documents") and isinstance(body.get("documents"), list):
